@@ -1,0 +1,33 @@
+# Two entry points, each creating its own virtual environment in .venv:
+#   make run   -- install runtime deps, run the main job on the tiny CPU default
+#   make test  -- install test deps, run the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?= -n 2
+
+.PHONY: run test lint clean
+
+$(VENV)/.runtime: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+$(VENV)/.test: requirements-test.txt requirements.txt $(VENV)/.runtime
+	$(PY) -m pip install -q -r requirements-test.txt
+	touch $@
+
+run: $(VENV)/.runtime
+	$(PY) -m bfpo_jax.synthetic --out runs/synthetic
+
+# pytest exits 5 when it collected no test: that is a failure, not a pass.
+test: $(VENV)/.test
+	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "no tests were collected"; exit 1; fi; exit $$rc
+
+lint: $(VENV)/.test
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

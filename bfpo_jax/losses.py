@@ -1,0 +1,428 @@
+"""Pure losses for SFT and preference optimisation: BFPO, DPO and IPO.
+
+Nothing here knows about models, meshes or data: arrays in, ``(loss, metrics)``
+out. Every function is jit- and vmap-able and keeps no state.
+
+Dimension names used in suffixes: B batch (pairs or sequences), T tokens,
+V vocabulary, D model width, C a chunk of tokens, Vc a chunk of the vocabulary.
+
+BFPO is Bi-Factorial Preference Optimization (Zhang, Torr, Elhoseiny, Bibi,
+ICLR 2025, arXiv:2408.15313). Log-probabilities are summed over response tokens
+by default, as in the paper's code; averaging is an option of the log-prob
+functions.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+SAFETY_GROUPS = ("safe_safe", "safe_unsafe", "unsafe_safe", "unsafe_unsafe")
+"""Names of the four (chosen_is_safe, rejected_is_safe) groups, in metric keys."""
+
+
+# --------------------------------------------------------------------------- #
+# Log-probabilities
+# --------------------------------------------------------------------------- #
+
+
+def token_logps(logits, labels):
+  """Log-probability of each label under its logits, in float32.
+
+  Args:
+    logits: [B, T, V] logits, already aligned with ``labels``.
+    labels: [B, T] integer token ids. Values outside [0, V) (e.g. -100) give
+      garbage at that position and must be masked by the caller.
+
+  Returns:
+    [B, T] float32 log-probabilities.
+  """
+  logits_BxTxV = logits.astype(jnp.float32)
+  labels_BxT = jnp.clip(labels, 0, logits.shape[-1] - 1)
+  label_logits_BxT = jnp.take_along_axis(
+      logits_BxTxV, labels_BxT[..., None], axis=-1)[..., 0]
+  return label_logits_BxT - jax.nn.logsumexp(logits_BxTxV, axis=-1)
+
+
+def _reduce_sequence(token_logps_BxT, loss_mask, average):
+  mask_BxT = loss_mask.astype(jnp.float32)
+  summed_B = jnp.sum(token_logps_BxT * mask_BxT, axis=-1)
+  if average:
+    return summed_B / jnp.maximum(jnp.sum(mask_BxT, axis=-1), 1.0)
+  return summed_B
+
+
+def sequence_logps(logits, labels, loss_mask, *, average=False):
+  """Per-sequence log-probability of ``labels`` under ``logits``.
+
+  ``log p(y|x) = sum_t mask_t * log softmax(logits_t)[labels_t]``, or that sum
+  divided by the number of unmasked tokens when ``average`` is True.
+
+  Args:
+    logits: [B, T, V] logits aligned with labels (position t predicts
+      ``labels[:, t]``).
+    labels: [B, T] token ids.
+    loss_mask: [B, T] bool or 0/1; True on response tokens.
+    average: divide by the number of response tokens instead of summing.
+
+  Returns:
+    [B] float32 log-probabilities.
+  """
+  return _reduce_sequence(token_logps(logits, labels), loss_mask, average)
+
+
+def _pad_axis(x, axis, multiple, value=0):
+  size = x.shape[axis]
+  pad = (-size) % multiple
+  if pad == 0:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, pad)
+  return jnp.pad(x, widths, constant_values=value)
+
+
+def _chunk_token_logps(hidden_CxD, unembedding_DxV, labels_C, vocab_chunk_size):
+  """Log-probs of C tokens, with a streaming logsumexp over vocabulary chunks."""
+  vocab = unembedding_DxV.shape[1]
+
+  def logits_of(w_DxVc):
+    return jnp.dot(hidden_CxD, w_DxVc, preferred_element_type=jnp.float32)
+
+  if vocab_chunk_size is None or vocab_chunk_size >= vocab:
+    logits_CxV = logits_of(unembedding_DxV)
+    label_logit_C = jnp.take_along_axis(
+        logits_CxV, labels_C[:, None], axis=-1)[:, 0]
+    return label_logit_C - jax.nn.logsumexp(logits_CxV, axis=-1)
+
+  w_DxVp = _pad_axis(unembedding_DxV, 1, vocab_chunk_size)
+  n_chunks = w_DxVp.shape[1] // vocab_chunk_size
+  w_NxDxVc = w_DxVp.reshape(
+      w_DxVp.shape[0], n_chunks, vocab_chunk_size).transpose(1, 0, 2)
+
+  def body(carry, inputs):
+    running_max_C, running_sum_C, label_logit_C = carry
+    index, w_DxVc = inputs
+    logits_CxVc = logits_of(w_DxVc)
+    column_Vc = index * vocab_chunk_size + jnp.arange(vocab_chunk_size)
+    logits_CxVc = jnp.where(column_Vc[None, :] < vocab, logits_CxVc, -jnp.inf)
+    # The running max only stabilises the sum; its gradient cancels exactly.
+    new_max_C = jax.lax.stop_gradient(
+        jnp.maximum(running_max_C, jnp.max(logits_CxVc, axis=-1)))
+    running_sum_C = (running_sum_C * jnp.exp(running_max_C - new_max_C)
+                     + jnp.sum(jnp.exp(logits_CxVc - new_max_C[:, None]), -1))
+    local_C = labels_C - index * vocab_chunk_size
+    in_chunk_C = (local_C >= 0) & (local_C < vocab_chunk_size)
+    picked_C = jnp.take_along_axis(
+        logits_CxVc, jnp.clip(local_C, 0, vocab_chunk_size - 1)[:, None],
+        axis=-1)[:, 0]
+    label_logit_C = label_logit_C + jnp.where(in_chunk_C, picked_C, 0.0)
+    return (new_max_C, running_sum_C, label_logit_C), None
+
+  c = hidden_CxD.shape[0]
+  init = (jnp.full((c,), -jnp.inf, jnp.float32), jnp.zeros((c,), jnp.float32),
+          jnp.zeros((c,), jnp.float32))
+  (max_C, sum_C, label_logit_C), _ = jax.lax.scan(
+      body, init, (jnp.arange(n_chunks), w_NxDxVc))
+  return label_logit_C - (max_C + jnp.log(sum_C))
+
+
+def chunked_token_logps(hidden, unembedding, labels, *, chunk_size,
+                        vocab_chunk_size=None):
+  """Per-token log-probs from final hidden states, never forming [B, T, V].
+
+  Tokens are processed ``chunk_size`` at a time in a ``lax.scan`` whose body is
+  rematerialised, so the forward and backward passes hold logits for one
+  chunk only: [chunk_size, V], or [chunk_size, vocab_chunk_size] when the
+  vocabulary is streamed too.
+
+  Args:
+    hidden: [B, T, D] final hidden states (after the last norm).
+    unembedding: [D, V] output matrix (``lm_head`` or the tied embedding^T).
+    labels: [B, T] token ids aligned with ``hidden``.
+    chunk_size: tokens per chunk; B*T is padded up to a multiple of it.
+    vocab_chunk_size: if set, stream the logsumexp over vocabulary chunks of
+      this size as well.
+
+  Returns:
+    [B, T] float32 log-probabilities.
+  """
+  b, t, d = hidden.shape
+  vocab = unembedding.shape[1]
+  hidden_NxD = _pad_axis(hidden.reshape(b * t, d), 0, chunk_size)
+  labels_N = _pad_axis(jnp.clip(labels.reshape(b * t), 0, vocab - 1), 0,
+                       chunk_size)
+  n_chunks = hidden_NxD.shape[0] // chunk_size
+
+  @jax.checkpoint
+  def one_chunk(w_DxV, hidden_CxD, labels_C):
+    return _chunk_token_logps(hidden_CxD, w_DxV, labels_C, vocab_chunk_size)
+
+  def body(_, inputs):
+    hidden_CxD, labels_C = inputs
+    return None, one_chunk(unembedding, hidden_CxD, labels_C)
+
+  _, logps_KxC = jax.lax.scan(
+      body, None,
+      (hidden_NxD.reshape(n_chunks, chunk_size, d),
+       labels_N.reshape(n_chunks, chunk_size)))
+  return logps_KxC.reshape(-1)[: b * t].reshape(b, t)
+
+
+def chunked_sequence_logps(hidden, unembedding, labels, loss_mask, *,
+                           chunk_size, average=False, vocab_chunk_size=None):
+  """``sequence_logps(hidden @ unembedding, ...)`` without the [B, T, V] logits.
+
+  Equal to :func:`sequence_logps` on the full logits within float32 rounding,
+  gradients included; see :func:`chunked_token_logps` for the memory bound.
+
+  Args:
+    hidden: [B, T, D] final hidden states.
+    unembedding: [D, V] output matrix.
+    labels: [B, T] token ids aligned with ``hidden``.
+    loss_mask: [B, T] True on response tokens.
+    chunk_size: tokens per chunk.
+    average: divide by the number of response tokens instead of summing.
+    vocab_chunk_size: optional vocabulary chunk for a streaming logsumexp.
+
+  Returns:
+    [B] float32 log-probabilities.
+  """
+  logps_BxT = chunked_token_logps(hidden, unembedding, labels,
+                                  chunk_size=chunk_size,
+                                  vocab_chunk_size=vocab_chunk_size)
+  return _reduce_sequence(logps_BxT, loss_mask, average)
+
+
+# --------------------------------------------------------------------------- #
+# Preference losses
+# --------------------------------------------------------------------------- #
+
+
+def _weighted_mean(x, weights):
+  return jnp.sum(x * weights) / jnp.maximum(jnp.sum(weights), 1e-12)
+
+
+def _as_weights(weights, like):
+  if weights is None:
+    return jnp.ones_like(like, dtype=jnp.float32)
+  return jnp.asarray(weights, jnp.float32)
+
+
+def preference_metrics(chosen_rewards, rejected_rewards, weights,
+                       chosen_is_safe=None, rejected_is_safe=None):
+  """Reward metrics of a batch of pairs, overall and per safety group.
+
+  Per-group values are means over the pairs of that group (weighted); a group
+  with no pairs reports 0 and ``count == 0``, so means over many batches should
+  be weighted by the counts.
+
+  Args:
+    chosen_rewards: [B] implicit rewards of the chosen responses.
+    rejected_rewards: [B] implicit rewards of the rejected responses.
+    weights: [B] float pair weights (0 for padding).
+    chosen_is_safe: optional [B] safety flags of chosen responses.
+    rejected_is_safe: optional [B] safety flags of rejected responses.
+
+  Returns:
+    dict of float32 scalars.
+  """
+  margins = chosen_rewards - rejected_rewards
+  correct = (chosen_rewards > rejected_rewards).astype(jnp.float32)
+  metrics = {
+      "rewards/chosen": _weighted_mean(chosen_rewards, weights),
+      "rewards/rejected": _weighted_mean(rejected_rewards, weights),
+      "rewards/margins": _weighted_mean(margins, weights),
+      "rewards/accuracy": _weighted_mean(correct, weights),
+  }
+  if chosen_is_safe is None or rejected_is_safe is None:
+    return metrics
+  chosen_safe = jnp.asarray(chosen_is_safe).astype(bool)
+  rejected_safe = jnp.asarray(rejected_is_safe).astype(bool)
+  for name, (want_chosen, want_rejected) in zip(
+      SAFETY_GROUPS, ((True, True), (True, False), (False, True),
+                      (False, False))):
+    in_group = (chosen_safe == want_chosen) & (rejected_safe == want_rejected)
+    group_weights = jnp.where(in_group, weights, 0.0)
+    metrics[f"count/{name}"] = jnp.sum(group_weights > 0).astype(jnp.float32)
+    metrics[f"rewards/accuracy/{name}"] = _weighted_mean(correct, group_weights)
+    metrics[f"rewards/margins/{name}"] = _weighted_mean(margins, group_weights)
+  return metrics
+
+
+def _implicit_rewards(policy_chosen_logps, policy_rejected_logps,
+                      reference_chosen_logps, reference_rejected_logps, beta):
+  chosen_logratios = (policy_chosen_logps.astype(jnp.float32)
+                      - reference_chosen_logps.astype(jnp.float32))
+  rejected_logratios = (policy_rejected_logps.astype(jnp.float32)
+                        - reference_rejected_logps.astype(jnp.float32))
+  logits = chosen_logratios - rejected_logratios
+  return logits, beta * chosen_logratios, beta * rejected_logratios
+
+
+def bfpo_target(chosen_is_safe, rejected_is_safe, *, beta=0.01, alpha=0.5,
+                b1=3.0):
+  """BFPO labeling function divided by beta (paper eq. 9, Sec. 3.3).
+
+  ``target = (b1 * b3 * s_w - b3 * s_l - alpha) / beta`` with
+  ``b3 = 1 / (b1 - 1)``. With the defaults, ``beta * target`` is +0.5 for
+  (safe, safe), +1.0 for (safe, unsafe), -1.0 for (unsafe, safe) and -0.5 for
+  (unsafe, unsafe), which encodes the global ranking
+  helpful-safe > unhelpful-safe > unhelpful-unsafe > helpful-unsafe.
+
+  Args:
+    chosen_is_safe: [B] flags s_w (bool or 0/1) of the more helpful response.
+    rejected_is_safe: [B] flags s_l of the less helpful response.
+    beta: KL strength (tau in the paper).
+    alpha: shift of the labeling function.
+    b1: scale of the chosen response's safety; must not be 1.
+
+  Returns:
+    [B] float32 targets for the log-ratio difference.
+  """
+  if b1 == 1.0:
+    raise ValueError("bfpo_target: b1 must differ from 1 (b3 = 1 / (b1 - 1)).")
+  b3 = 1.0 / (b1 - 1.0)
+  s_w = jnp.asarray(chosen_is_safe).astype(jnp.float32)
+  s_l = jnp.asarray(rejected_is_safe).astype(jnp.float32)
+  return (b1 * b3 * s_w - b3 * s_l - alpha) / beta
+
+
+def bfpo_loss(policy_chosen_logps, policy_rejected_logps,
+              reference_chosen_logps, reference_rejected_logps,
+              chosen_is_safe, rejected_is_safe, *, beta=0.01, alpha=0.5,
+              b1=3.0, weights=None):
+  """Bi-Factorial Preference Optimization loss (arXiv:2408.15313, eq. 10).
+
+  ``h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))`` and
+  ``loss = mean_pairs (h - bfpo_target(s_w, s_l))^2``: a supervised regression
+  of the log-ratio margin onto a target set by the safety of both responses,
+  whose optimum equals RLHF with the bi-factorial reward.
+
+  Args:
+    policy_chosen_logps: [B] summed log-probs of y_w under the policy.
+    policy_rejected_logps: [B] summed log-probs of y_l under the policy.
+    reference_chosen_logps: [B] the same under the frozen reference.
+    reference_rejected_logps: [B] the same under the frozen reference.
+    chosen_is_safe: [B] safety flag s_w of the chosen (more helpful) response.
+    rejected_is_safe: [B] safety flag s_l of the rejected response.
+    beta: KL strength (tau in the paper); default 0.01 as in the paper.
+    alpha: labeling-function shift; default 0.5.
+    b1: labeling-function scale; default 3 (b3 = 0.5).
+    weights: optional [B] pair weights; 0 masks a padded pair. The loss is the
+      weighted mean.
+
+  Returns:
+    ``(loss, metrics)``: scalar float32 loss and a dict of reward metrics
+    (overall and per (s_w, s_l) group, see :func:`preference_metrics`).
+  """
+  logits, chosen_rewards, rejected_rewards = _implicit_rewards(
+      policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+      reference_rejected_logps, beta)
+  target = bfpo_target(chosen_is_safe, rejected_is_safe, beta=beta,
+                       alpha=alpha, b1=b1)
+  weights = _as_weights(weights, logits)
+  loss = _weighted_mean(jnp.square(logits - target), weights)
+  metrics = preference_metrics(chosen_rewards, rejected_rewards, weights,
+                               chosen_is_safe, rejected_is_safe)
+  metrics["loss"] = loss
+  return loss, metrics
+
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps,
+             reference_chosen_logps, reference_rejected_logps, *, beta=0.1,
+             label_smoothing=0.0, weights=None, chosen_is_safe=None,
+             rejected_is_safe=None):
+  """Direct Preference Optimization, sigmoid form (Rafailov et al., 2023).
+
+  ``loss = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)`` with
+  ``h`` the log-ratio margin as in :func:`bfpo_loss` and ``eps`` the label
+  smoothing (conservative DPO). Beta multiplies ``h`` exactly once.
+
+  Args:
+    policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+      reference_rejected_logps: [B] sequence log-probs.
+    beta: KL strength; default 0.1 as in trl.
+    label_smoothing: probability that a label is flipped, in [0, 0.5].
+    weights: optional [B] pair weights; 0 masks padding.
+    chosen_is_safe, rejected_is_safe: optional [B] flags, only used to split
+      metrics by safety group.
+
+  Returns:
+    ``(loss, metrics)``.
+  """
+  logits, chosen_rewards, rejected_rewards = _implicit_rewards(
+      policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+      reference_rejected_logps, beta)
+  per_pair = (-(1.0 - label_smoothing) * jax.nn.log_sigmoid(beta * logits)
+              - label_smoothing * jax.nn.log_sigmoid(-beta * logits))
+  weights = _as_weights(weights, logits)
+  loss = _weighted_mean(per_pair, weights)
+  metrics = preference_metrics(chosen_rewards, rejected_rewards, weights,
+                               chosen_is_safe, rejected_is_safe)
+  metrics["loss"] = loss
+  return loss, metrics
+
+
+def ipo_loss(policy_chosen_logps, policy_rejected_logps,
+             reference_chosen_logps, reference_rejected_logps, *, beta=0.1,
+             weights=None, chosen_is_safe=None, rejected_is_safe=None):
+  """Identity Preference Optimization (Azar et al., 2023, eq. 17).
+
+  ``loss = mean_pairs (h - 1 / (2 beta))^2``. The IPO paper uses
+  length-averaged log-probs; pass them in (``average=True`` upstream) to match.
+
+  Args:
+    policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+      reference_rejected_logps: [B] sequence log-probs.
+    beta: regularisation strength (tau in the IPO paper).
+    weights: optional [B] pair weights; 0 masks padding.
+    chosen_is_safe, rejected_is_safe: optional flags for grouped metrics.
+
+  Returns:
+    ``(loss, metrics)``.
+  """
+  logits, chosen_rewards, rejected_rewards = _implicit_rewards(
+      policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+      reference_rejected_logps, beta)
+  weights = _as_weights(weights, logits)
+  loss = _weighted_mean(jnp.square(logits - 1.0 / (2.0 * beta)), weights)
+  metrics = preference_metrics(chosen_rewards, rejected_rewards, weights,
+                               chosen_is_safe, rejected_is_safe)
+  metrics["loss"] = loss
+  return loss, metrics
+
+
+# --------------------------------------------------------------------------- #
+# Supervised fine-tuning
+# --------------------------------------------------------------------------- #
+
+
+def sft_loss_from_token_logps(token_logps_BxT, loss_mask):
+  """Mean negative log-likelihood over the unmasked tokens of a batch.
+
+  Args:
+    token_logps_BxT: [B, T] per-token log-probs (e.g. from
+      :func:`chunked_token_logps`).
+    loss_mask: [B, T] True on target tokens.
+
+  Returns:
+    ``(loss, metrics)`` with ``loss`` = sum(-logp * mask) / sum(mask).
+  """
+  mask_BxT = loss_mask.astype(jnp.float32)
+  n_tokens = jnp.sum(mask_BxT)
+  loss = -jnp.sum(token_logps_BxT * mask_BxT) / jnp.maximum(n_tokens, 1.0)
+  return loss, {"loss": loss, "tokens": n_tokens}
+
+
+def sft_loss(logits, labels, loss_mask):
+  """Token-level negative log-likelihood of the target response.
+
+  Args:
+    logits: [B, T, V] logits aligned with labels.
+    labels: [B, T] token ids.
+    loss_mask: [B, T] True on target (response) tokens.
+
+  Returns:
+    ``(loss, metrics)``: the mean NLL per target token, and the token count.
+  """
+  return sft_loss_from_token_logps(token_logps(logits, labels), loss_mask)
