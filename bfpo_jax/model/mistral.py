@@ -1,0 +1,304 @@
+"""Mistral decoder in Flax NNX, and the functional surface around it.
+
+The modules mirror ``transformers``' ``MistralForCausalLM`` (RoPE, grouped-query
+attention, optional sliding window, RMSNorm, SwiGLU, tied or untied output).
+Each parameter carries logical axis names in its ``out_sharding`` metadata
+(``vocab``, ``embed``, ``q_heads``, ``kv_heads``, ``mlp``, ``norm``) that
+:mod:`bfpo_jax.sharding` maps to mesh axes.
+
+Training and outside users work with a plain nested dict of arrays
+(``params``); :func:`apply` binds it to the module graph inside the trace, so
+the functions below are pure and jit-able with the config static.
+
+Dimension names: B batch, T query tokens, S key tokens, D model width,
+N query heads, K key/value heads, H head dim, F mlp width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from bfpo_jax.model.config import MistralConfig
+
+
+def _param(rngs, cfg, shape, axes, init=None):
+  init = init or nnx.initializers.normal(cfg.initializer_range)
+  return nnx.Param(init(rngs.params(), shape, cfg.param_dtype),
+                   out_sharding=axes, eager_sharding=False)
+
+
+class Dense(nnx.Module):
+  """``x @ kernel`` without bias; kernel [in, out], computed in ``cfg.dtype``."""
+
+  def __init__(self, cfg, d_in, d_out, axes, rngs):
+    self.dtype = cfg.dtype
+    self.kernel = _param(rngs, cfg, (d_in, d_out), axes)
+
+  def __call__(self, x):
+    return jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+
+
+class RMSNorm(nnx.Module):
+  """``scale * x / rms(x)``, normalised in float32 as in transformers."""
+
+  def __init__(self, cfg, rngs):
+    self.eps, self.dtype = cfg.rms_norm_eps, cfg.dtype
+    self.scale = _param(rngs, cfg, (cfg.hidden_size,), ("norm",),
+                        nnx.initializers.ones)
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True)
+                              + self.eps)
+    return self.scale[...].astype(self.dtype) * x32.astype(self.dtype)
+
+
+def rope(x_BxTxNxH, positions_BxT, theta):
+  """Rotary embedding, half-split layout (``rotate_half``) as in transformers."""
+  h = x_BxTxNxH.shape[-1]
+  inv_freq = 1.0 / theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h)
+  angles_BxTxH2 = positions_BxT[..., None].astype(jnp.float32) * inv_freq
+  cos = jnp.cos(angles_BxTxH2)[:, :, None, :]
+  sin = jnp.sin(angles_BxTxH2)[:, :, None, :]
+  x1, x2 = jnp.split(x_BxTxNxH.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxTxNxH.dtype)
+
+
+def attention_mask(key_valid_BxS, query_index_T, sliding_window):
+  """Boolean [B, 1, T, S]: causal, within the window, and not padding.
+
+  Indices are positions in the (padded) buffer, as in transformers: a query
+  at index i sees keys j with ``i - window < j <= i``.
+  """
+  key_index_S = jnp.arange(key_valid_BxS.shape[1])
+  allowed_TxS = key_index_S[None, :] <= query_index_T[:, None]
+  if sliding_window is not None:
+    allowed_TxS &= key_index_S[None, :] > query_index_T[:, None] - sliding_window
+  return allowed_TxS[None, None] & key_valid_BxS[:, None, None, :]
+
+
+class Attention(nnx.Module):
+  """Grouped-query self-attention with RoPE and an optional KV cache."""
+
+  def __init__(self, cfg, rngs):
+    self.cfg = cfg
+    d, n, k, h = (cfg.hidden_size, cfg.num_attention_heads,
+                  cfg.num_key_value_heads, cfg.dim_per_head)
+    self.q_proj = Dense(cfg, d, n * h, ("embed", "q_heads"), rngs)
+    self.k_proj = Dense(cfg, d, k * h, ("embed", "kv_heads"), rngs)
+    self.v_proj = Dense(cfg, d, k * h, ("embed", "kv_heads"), rngs)
+    self.o_proj = Dense(cfg, n * h, d, ("q_heads", "embed"), rngs)
+
+  def __call__(self, x_BxTxD, positions_BxT, key_valid_BxS, query_index_T,
+               cache=None):
+    cfg = self.cfg
+    b, t, _ = x_BxTxD.shape
+    n, k, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.dim_per_head
+    q_BxTxNxH = rope(self.q_proj(x_BxTxD).reshape(b, t, n, h), positions_BxT,
+                     cfg.rope_theta)
+    k_BxTxKxH = rope(self.k_proj(x_BxTxD).reshape(b, t, k, h), positions_BxT,
+                     cfg.rope_theta)
+    v_BxTxKxH = self.v_proj(x_BxTxD).reshape(b, t, k, h)
+    if cache is not None:
+      start = query_index_T[0]
+      keys = jax.lax.dynamic_update_slice_in_dim(
+          cache["k"], k_BxTxKxH.astype(cache["k"].dtype), start, axis=1)
+      values = jax.lax.dynamic_update_slice_in_dim(
+          cache["v"], v_BxTxKxH.astype(cache["v"].dtype), start, axis=1)
+      cache = {"k": keys, "v": values}
+    else:
+      keys, values = k_BxTxKxH, v_BxTxKxH
+    keys, values = keys.astype(cfg.dtype), values.astype(cfg.dtype)
+
+    if cfg.attention_impl == "cudnn" and cache is None:
+      # cuDNN flash attention: causal + window in-kernel; padding must be on
+      # the right, expressed as sequence lengths.
+      lengths_B = jnp.sum(key_valid_BxS, axis=-1, dtype=jnp.int32)
+      window = (None if cfg.sliding_window is None
+                else (cfg.sliding_window - 1, 0))
+      out_BxTxNxH = jax.nn.dot_product_attention(
+          q_BxTxNxH, keys, values, is_causal=True, local_window_size=window,
+          query_seq_lengths=lengths_B, key_value_seq_lengths=lengths_B,
+          implementation="cudnn")
+    else:
+      mask = attention_mask(key_valid_BxS, query_index_T, cfg.sliding_window)
+      out_BxTxNxH = jax.nn.dot_product_attention(
+          q_BxTxNxH, keys, values, mask=mask, implementation="xla")
+    return self.o_proj(out_BxTxNxH.reshape(b, t, n * h)), cache
+
+
+class MLP(nnx.Module):
+  """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+
+  def __init__(self, cfg, rngs):
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    self.gate_proj = Dense(cfg, d, f, ("embed", "mlp"), rngs)
+    self.up_proj = Dense(cfg, d, f, ("embed", "mlp"), rngs)
+    self.down_proj = Dense(cfg, f, d, ("mlp", "embed"), rngs)
+
+  def __call__(self, x):
+    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nnx.Module):
+  """Pre-norm decoder block: attention then MLP, each with a residual."""
+
+  def __init__(self, cfg, rngs):
+    self.input_layernorm = RMSNorm(cfg, rngs)
+    self.self_attn = Attention(cfg, rngs)
+    self.post_attention_layernorm = RMSNorm(cfg, rngs)
+    self.mlp = MLP(cfg, rngs)
+
+  def __call__(self, x, positions, key_valid, query_index, cache=None):
+    attn, cache = self.self_attn(self.input_layernorm(x), positions, key_valid,
+                                 query_index, cache)
+    x = x + attn
+    return x + self.mlp(self.post_attention_layernorm(x)), cache
+
+
+def _run_block(block, x, positions, key_valid, query_index, cache):
+  return block(x, positions, key_valid, query_index, cache)
+
+
+class Mistral(nnx.Module):
+  """The decoder stack; :meth:`__call__` returns final (normed) hidden states."""
+
+  def __init__(self, cfg: MistralConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed_tokens = nnx.Module()
+    self.embed_tokens.embedding = _param(
+        rngs, cfg, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"))
+    self.layers = nnx.List([Block(cfg, rngs)
+                            for _ in range(cfg.num_hidden_layers)])
+    self.norm = RMSNorm(cfg, rngs)
+    if not cfg.tie_word_embeddings:
+      self.lm_head = Dense(cfg, cfg.hidden_size, cfg.vocab_size,
+                           ("embed", "vocab"), rngs)
+
+  def __call__(self, input_ids_BxT, positions_BxT, key_valid_BxS,
+               query_index_T, caches=None):
+    x = jnp.take(self.embed_tokens.embedding[...], input_ids_BxT, axis=0)
+    x = x.astype(self.cfg.dtype)
+    run = (nnx.remat(_run_block, prevent_cse=True) if self.cfg.remat
+           else _run_block)
+    new_caches = []
+    for i, block in enumerate(self.layers):
+      x, cache = run(block, x, positions_BxT, key_valid_BxS, query_index_T,
+                     None if caches is None else caches[i])
+      new_caches.append(cache)
+    return self.norm(x), (None if caches is None else new_caches)
+
+  def unembedding(self):
+    if self.cfg.tie_word_embeddings:
+      return self.embed_tokens.embedding[...].T
+    return self.lm_head.kernel[...]
+
+
+# --------------------------------------------------------------------------- #
+# Functional surface: params are a plain nested dict of arrays.
+# --------------------------------------------------------------------------- #
+
+
+@functools.lru_cache(maxsize=16)
+def _graphdef(cfg: MistralConfig):
+  return nnx.split(nnx.eval_shape(lambda: Mistral(cfg, rngs=nnx.Rngs(0))))[0]
+
+
+def bind(cfg: MistralConfig, params) -> Mistral:
+  """The module graph of ``cfg`` holding ``params`` (no copy)."""
+  return nnx.merge(_graphdef(cfg), params)
+
+
+def init_params(cfg: MistralConfig, rng):
+  """Random parameters as a nested dict (normal(initializer_range) weights).
+
+  Jit it with ``out_shardings`` to create a large model directly sharded.
+  """
+  model = Mistral(cfg, rngs=nnx.Rngs(params=rng))
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def abstract_params(cfg: MistralConfig):
+  """Shapes and dtypes of the params, without allocating them."""
+  return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+
+
+def logical_axes(cfg: MistralConfig):
+  """The params' logical axis names: a dict of tuples of the same structure."""
+  abstract = nnx.eval_shape(lambda: Mistral(cfg, rngs=nnx.Rngs(0)))
+  axes = {}
+  for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+    node = axes
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = tuple(var.get_metadata()["out_sharding"])
+  return axes
+
+
+def param_path(path) -> str:
+  """'layers/0/mlp/down_proj/kernel' for a jax key path into params."""
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def match_params(params, pattern: str):
+  """Bool pytree: True where the leaf's path matches the regex ``pattern``."""
+  regex = re.compile(pattern)
+  return jax.tree_util.tree_map_with_path(
+      lambda p, _: bool(regex.search(param_path(p))), params)
+
+
+def default_positions(attention_mask_BxT):
+  """Position ids that skip padding: 0 at each row's first real token."""
+  return jnp.maximum(jnp.cumsum(attention_mask_BxT.astype(jnp.int32), -1) - 1,
+                     0)
+
+
+def _prepare(input_ids, attention_mask, positions):
+  if attention_mask is None:
+    attention_mask = jnp.ones(input_ids.shape, bool)
+  attention_mask = attention_mask.astype(bool)
+  if positions is None:
+    positions = default_positions(attention_mask)
+  return attention_mask, positions
+
+
+def apply_hidden(cfg, params, input_ids, attention_mask=None, positions=None):
+  """Final hidden states [B, T, D] (after the last RMSNorm).
+
+  Args:
+    cfg: the MistralConfig.
+    params: nested dict from :func:`init_params` or :func:`load_hf`.
+    input_ids: [B, T] int token ids.
+    attention_mask: optional [B, T], True/1 on real tokens (left or right
+      padding both work).
+    positions: optional [B, T] position ids; by default counted over the real
+      tokens of each row, so left padding does not shift RoPE.
+
+  Returns:
+    [B, T, D] hidden states in ``cfg.dtype``; multiply by :func:`unembedding`
+    (or use ``losses.chunked_sequence_logps``) for log-probs.
+  """
+  attention_mask, positions = _prepare(input_ids, attention_mask, positions)
+  hidden, _ = bind(cfg, params)(input_ids, positions, attention_mask,
+                                jnp.arange(input_ids.shape[1]))
+  return hidden
+
+
+def unembedding(cfg, params):
+  """The [D, V] output matrix: ``lm_head`` or the tied embedding transposed."""
+  if cfg.tie_word_embeddings:
+    return params["embed_tokens"]["embedding"].T
+  return params["lm_head"]["kernel"]
+
+
+def apply(cfg, params, input_ids, attention_mask=None, positions=None):
+  """Next-token logits [B, T, V] in float32; see :func:`apply_hidden`."""
+  hidden = apply_hidden(cfg, params, input_ids, attention_mask, positions)
+  w = unembedding(cfg, params).astype(cfg.dtype)
+  return jnp.dot(hidden, w, preferred_element_type=jnp.float32)
