@@ -1,0 +1,360 @@
+"""Jitted SFT / BFPO / DPO / IPO steps over sharded params.
+
+The step glues three pure pieces: the model (hidden states), the losses
+(chunked log-probs, preference or SFT loss) and optax. It differentiates only
+the trainable tree (see :mod:`bfpo_jax.trainable`), accumulates gradients
+over microbatches in a ``lax.scan``, and skips the update when the loss or the
+gradients are not finite.
+
+Batch layout (leading axis = global batch; B pairs or sequences):
+
+* preference stages: ``chosen_input_ids``, ``chosen_attention_mask``,
+  ``chosen_loss_mask`` and the same ``rejected_*`` [B, T]; ``chosen_is_safe``,
+  ``rejected_is_safe`` [B]; optional ``weight`` [B] (0 for padding pairs);
+  with ``precomputed_reference``, ``reference_chosen_logps`` and
+  ``reference_rejected_logps`` [B].
+* ``sft``: ``input_ids``, ``attention_mask``, ``loss_mask`` [B, T].
+* optional ``buffer``: an SFT batch whose loss is added with ``buffer_weight``.
+
+``loss_mask[b, t]`` marks tokens whose probability counts (the response):
+position t - 1 predicts token t.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from bfpo_jax import losses, sharding
+from bfpo_jax.model.mistral import apply_hidden, unembedding
+from bfpo_jax.trainable import combine, init_lora, lora_merge, split, trainable_mask
+
+STAGES = ("sft", "bfpo", "dpo", "ipo")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  """Static settings of a step (hashable; part of the jit cache key)."""
+
+  stage: str = "bfpo"  # sft | bfpo | dpo | ipo
+  beta: float = 0.01  # tau of the paper; DPO/IPO users usually want 0.1
+  alpha: float = 0.5  # BFPO labeling shift
+  b1: float = 3.0  # BFPO labeling scale
+  label_smoothing: float = 0.0  # DPO only
+  average_logps: bool = False  # length-average the log-probs (IPO paper)
+  chunk_size: int = 1024  # tokens per chunk of the log-prob computation
+  vocab_chunk_size: int | None = None  # also stream the vocabulary
+  accumulation_steps: int = 1  # microbatches per step
+  buffer_weight: float = 0.0  # weight of the SFT buffer term; 0 = off
+  precomputed_reference: bool = False  # reference log-probs come in the batch
+  mode: str = "selective"  # full | selective | lora
+  lora_scale: float = 1.0  # alpha / rank
+
+  def __post_init__(self):
+    if self.stage not in STAGES:
+      raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+    if self.accumulation_steps < 1:
+      raise ValueError("accumulation_steps must be >= 1")
+
+
+class TrainState(NamedTuple):
+  step: jax.Array
+  trainable: Any  # float32 masters of the trainable leaves / LoRA adapters
+  frozen: Any  # the other leaves (all leaves under LoRA)
+  reference: Any  # initial trainable leaves; None under LoRA
+  opt_state: Any
+
+
+def init_state(params, mask, optimizer, step_cfg: StepConfig, *, lora_rank=16,
+               rng=None) -> TrainState:
+  """Training state from params and a trainable mask (pure; jit it sharded).
+
+  The reference copy of trainable leaves keeps the params' dtype: the model
+  casts kernels to the compute dtype anyway, so it costs half a float32 copy.
+  """
+  if step_cfg.mode == "lora":
+    trainable = init_lora(params, mask, lora_rank,
+                          jax.random.key(0) if rng is None else rng)
+    frozen, reference = params, None
+  else:
+    trainable, frozen = split(params, mask)
+    reference = trainable
+    trainable = jax.tree.map(lambda x: x.astype(jnp.float32), trainable)
+  return TrainState(jnp.zeros((), jnp.int32), trainable, frozen, reference,
+                    optimizer.init(trainable))
+
+
+def policy_params(state: TrainState, step_cfg: StepConfig):
+  if step_cfg.mode == "lora":
+    return lora_merge(state.frozen, state.trainable, step_cfg.lora_scale)
+  return combine(state.trainable, state.frozen)
+
+
+def reference_params(state: TrainState, step_cfg: StepConfig):
+  if step_cfg.mode == "lora":
+    return state.frozen
+  return combine(state.reference, state.frozen)
+
+
+def sequence_logps(model_cfg, step_cfg, params, input_ids, attention_mask,
+                   loss_mask, *, per_token=False):
+  """[B] response log-probs (or [B, T-1] per token) via the chunked path."""
+  hidden = apply_hidden(model_cfg, params, input_ids, attention_mask)
+  w = unembedding(model_cfg, params).astype(model_cfg.dtype)
+  kwargs = dict(chunk_size=step_cfg.chunk_size,
+                vocab_chunk_size=step_cfg.vocab_chunk_size)
+  if per_token:
+    return losses.chunked_token_logps(hidden[:, :-1], w, input_ids[:, 1:],
+                                      **kwargs)
+  return losses.chunked_sequence_logps(hidden[:, :-1], w, input_ids[:, 1:],
+                                       loss_mask[:, 1:],
+                                       average=step_cfg.average_logps, **kwargs)
+
+
+def pair_logps(model_cfg, step_cfg, params, batch):
+  """Chosen and rejected [B] log-probs from one forward over [2B, T]."""
+  cat = lambda k: jnp.concatenate([batch[f"chosen_{k}"],  # noqa: E731
+                                   batch[f"rejected_{k}"]])
+  logps = sequence_logps(model_cfg, step_cfg, params, cat("input_ids"),
+                         cat("attention_mask"), cat("loss_mask"))
+  n = batch["chosen_input_ids"].shape[0]
+  return logps[:n], logps[n:]
+
+
+def _pair_weights(batch):
+  return batch.get("weight", jnp.ones(batch["chosen_is_safe"].shape,
+                                      jnp.float32)).astype(jnp.float32)
+
+
+def _sft_tokens(batch):
+  return jnp.sum(batch["loss_mask"][:, 1:].astype(jnp.float32))
+
+
+def _denominators(batch, step_cfg):
+  """Full-batch normalisers, so k microbatches sum to one big batch exactly."""
+  main = (_sft_tokens(batch) if step_cfg.stage == "sft"
+          else jnp.sum(_pair_weights(batch)))
+  buffer = _sft_tokens(batch["buffer"]) if "buffer" in batch else jnp.float32(1)
+  return jnp.maximum(main, 1e-6), jnp.maximum(buffer, 1.0)
+
+
+def _sft_term(model_cfg, step_cfg, params, batch):
+  token_logps = sequence_logps(model_cfg, step_cfg, params, batch["input_ids"],
+                               batch["attention_mask"], batch["loss_mask"],
+                               per_token=True)
+  return losses.sft_loss_from_token_logps(token_logps, batch["loss_mask"][:, 1:])
+
+
+def preference_loss(step_cfg, policy, reference, batch):
+  """The stage's loss on [B] log-probs: ``(loss, metrics)``."""
+  flags = dict(chosen_is_safe=batch["chosen_is_safe"],
+               rejected_is_safe=batch["rejected_is_safe"])
+  args = (*policy, *reference)
+  weights = _pair_weights(batch)
+  if step_cfg.stage == "bfpo":
+    return losses.bfpo_loss(*args, flags["chosen_is_safe"],
+                            flags["rejected_is_safe"], beta=step_cfg.beta,
+                            alpha=step_cfg.alpha, b1=step_cfg.b1,
+                            weights=weights)
+  if step_cfg.stage == "dpo":
+    return losses.dpo_loss(*args, beta=step_cfg.beta,
+                           label_smoothing=step_cfg.label_smoothing,
+                           weights=weights, **flags)
+  return losses.ipo_loss(*args, beta=step_cfg.beta, weights=weights, **flags)
+
+
+def _reference_logps(model_cfg, step_cfg, reference, batch):
+  if step_cfg.precomputed_reference:
+    return batch["reference_chosen_logps"], batch["reference_rejected_logps"]
+  return jax.lax.stop_gradient(pair_logps(model_cfg, step_cfg, reference, batch))
+
+
+def microbatch_loss(trainable, state, batch, denominators, *, model_cfg,
+                    step_cfg):
+  """This microbatch's share of the full-batch loss, and its metrics."""
+  params = policy_params(state._replace(trainable=trainable), step_cfg)
+  main_total, buffer_total = denominators
+  if step_cfg.stage == "sft":
+    loss, metrics = _sft_term(model_cfg, step_cfg, params, batch)
+    share = _sft_tokens(batch) / main_total
+  else:
+    policy = pair_logps(model_cfg, step_cfg, params, batch)
+    reference = _reference_logps(model_cfg, step_cfg,
+                                 reference_params(state, step_cfg), batch)
+    loss, metrics = preference_loss(step_cfg, policy, reference, batch)
+    weights = _pair_weights(batch)
+    for side, logps in zip(("chosen", "rejected"), policy):
+      metrics[f"logps/{side}"] = (jnp.sum(logps * weights)
+                                  / jnp.maximum(jnp.sum(weights), 1e-6))
+    share = jnp.sum(weights) / main_total
+  total = loss * share
+  metrics = {k: v for k, v in metrics.items() if k != "loss"}
+  metrics["share"] = share
+  if step_cfg.buffer_weight and "buffer" in batch:
+    buffer_loss, _ = _sft_term(model_cfg, step_cfg, params, batch["buffer"])
+    buffer_share = _sft_tokens(batch["buffer"]) / buffer_total
+    total = total + step_cfg.buffer_weight * buffer_loss * buffer_share
+    metrics["buffer_loss"] = buffer_loss * buffer_share
+  metrics["loss"] = total
+  return total, metrics
+
+
+def combine_metrics(metrics_A):
+  """Full-batch metrics from stacked per-microbatch metrics [A]."""
+  share = metrics_A["share"]
+  out = {}
+  for key, value in metrics_A.items():
+    if key in ("loss", "buffer_loss") or key.startswith("count/") or key == "tokens":
+      out[key] = jnp.sum(value)
+      continue
+    group = key.rsplit("/", 1)[-1]
+    if group in losses.SAFETY_GROUPS:
+      counts = metrics_A[f"count/{group}"]
+      out[key] = jnp.sum(value * counts) / jnp.maximum(jnp.sum(counts), 1.0)
+    elif key != "share":
+      out[key] = jnp.sum(value * share) / jnp.maximum(jnp.sum(share), 1e-12)
+  return out
+
+
+def _split_microbatches(batch, n, mesh):
+  def reshape(x):
+    if x.shape[0] % n:
+      raise ValueError(f"batch of {x.shape[0]} is not divisible into "
+                       f"{n} microbatches")
+    x = x.reshape(n, x.shape[0] // n, *x.shape[1:])
+    if mesh is not None:
+      spec = PartitionSpec(None, sharding.BATCH_AXES)
+      x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+    return x
+  return jax.tree.map(reshape, batch)
+
+
+def _accumulate(fn, state, batch, step_cfg, mesh):
+  """Sums gradients and stacks metrics over microbatches in a scan."""
+  denominators = _denominators(batch, step_cfg)
+  grad_fn = jax.value_and_grad(fn, has_aux=True)
+  if step_cfg.accumulation_steps == 1:
+    (_, metrics), grads = grad_fn(state.trainable, state, batch, denominators)
+    return grads, combine_metrics(jax.tree.map(lambda x: x[None], metrics))
+
+  def body(grads, microbatch):
+    (_, metrics), g = grad_fn(state.trainable, state, microbatch, denominators)
+    return jax.tree.map(jnp.add, grads, g), metrics
+
+  zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), state.trainable)
+  microbatches = _split_microbatches(batch, step_cfg.accumulation_steps, mesh)
+  grads, metrics_A = jax.lax.scan(body, zeros, microbatches)
+  return grads, combine_metrics(metrics_A)
+
+
+def train_step(state: TrainState, batch, *, model_cfg, step_cfg, optimizer,
+               mesh=None):
+  """One optimizer step. Returns ``(new_state, metrics)``.
+
+  A non-finite loss or gradient leaves params and optimizer state unchanged
+  (``metrics['nonfinite'] == 1``); the step counter still advances.
+  """
+  fn = functools.partial(microbatch_loss, model_cfg=model_cfg, step_cfg=step_cfg)
+  grads, metrics = _accumulate(fn, state, batch, step_cfg, mesh)
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+  trainable = optax.apply_updates(state.trainable, updates)
+  keep = lambda new, old: jax.tree.map(  # noqa: E731
+      lambda n, o: jnp.where(finite, n, o), new, old)
+  metrics["grad_norm"] = grad_norm
+  metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
+  new_state = state._replace(step=state.step + 1,
+                             trainable=keep(trainable, state.trainable),
+                             opt_state=keep(opt_state, state.opt_state))
+  return new_state, metrics
+
+
+def eval_step(state: TrainState, batch, *, model_cfg, step_cfg, mesh=None):
+  """The same loss and metrics as :func:`train_step`, without updating."""
+  fn = functools.partial(microbatch_loss, model_cfg=model_cfg, step_cfg=step_cfg)
+  _, metrics = fn(state.trainable, state, batch, _denominators(batch, step_cfg))
+  return combine_metrics(jax.tree.map(lambda x: x[None], metrics))
+
+
+def reference_logps_step(state: TrainState, batch, *, model_cfg, step_cfg):
+  """Reference log-probs of a preference batch, to precompute them once."""
+  return pair_logps(model_cfg, step_cfg, reference_params(state, step_cfg),
+                    batch)
+
+
+# --------------------------------------------------------------------------- #
+# Shardings and builders
+# --------------------------------------------------------------------------- #
+
+
+def state_shardings(mesh, model_cfg, abstract_state: TrainState, optimizer,
+                    step_cfg: StepConfig, rules=sharding.DEFAULT_RULES):
+  """NamedShardings for every leaf of a TrainState, from logical axes."""
+  axis_sizes = dict(mesh.shape)
+  specs = sharding.param_specs(model_cfg, axis_sizes, rules)
+  hole = lambda x: x is None  # noqa: E731
+  like = lambda tree: jax.tree.map(  # noqa: E731
+      lambda x, s: None if x is None else s, tree, specs, is_leaf=hole)
+  if step_cfg.mode == "lora":
+    trainable = sharding.lora_specs(specs, abstract_state.trainable)
+  else:
+    trainable = like(abstract_state.trainable)
+  rep = PartitionSpec()
+  opt = optax.tree_utils.tree_map_params(
+      optimizer, lambda _, s: s, abstract_state.opt_state, trainable,
+      transform_non_params=lambda _: rep, is_leaf=hole)
+  spec_state = TrainState(rep, trainable, like(abstract_state.frozen),
+                          None if abstract_state.reference is None
+                          else like(abstract_state.reference), opt)
+  return sharding.named(mesh, spec_state)
+
+
+def create_state(params, optimizer, step_cfg: StepConfig, model_cfg, *,
+                 mask=None, pattern=None, lora_rank=16, rng=None, mesh=None,
+                 rules=sharding.DEFAULT_RULES):
+  """Builds the TrainState, directly sharded over ``mesh`` when given.
+
+  Returns:
+    ``(state, shardings)``; ``shardings`` is None without a mesh.
+  """
+  mask = trainable_mask(params, step_cfg.mode, pattern) if mask is None else mask
+  init = functools.partial(init_state, mask=mask, optimizer=optimizer,
+                           step_cfg=step_cfg, lora_rank=lora_rank, rng=rng)
+  if mesh is None:
+    return jax.jit(init)(params), None
+  shardings = state_shardings(mesh, model_cfg, jax.eval_shape(init, params),
+                              optimizer, step_cfg, rules)
+  param_shardings = sharding.named(mesh, sharding.param_specs(
+      model_cfg, dict(mesh.shape), rules))
+  params = jax.device_put(params, param_shardings)
+  return jax.jit(init, out_shardings=shardings)(params), shardings
+
+
+def build_train_step(model_cfg, step_cfg: StepConfig, optimizer, *, mesh=None,
+                     shardings=None):
+  """``step(state, batch) -> (state, metrics)``, jitted, state donated."""
+  fn = functools.partial(train_step, model_cfg=model_cfg, step_cfg=step_cfg,
+                         optimizer=optimizer, mesh=mesh)
+  if mesh is None:
+    return jax.jit(fn, donate_argnums=0)
+  return jax.jit(fn, in_shardings=(shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=(shardings, sharding.replicated(mesh)),
+                 donate_argnums=0)
+
+
+def build_eval_step(model_cfg, step_cfg: StepConfig, *, mesh=None,
+                    shardings=None):
+  """``eval(state, batch) -> metrics``, jitted; nothing donated."""
+  fn = functools.partial(eval_step, model_cfg=model_cfg, step_cfg=step_cfg,
+                         mesh=mesh)
+  if mesh is None:
+    return jax.jit(fn)
+  return jax.jit(fn, in_shardings=(shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=sharding.replicated(mesh))

@@ -1,0 +1,55 @@
+"""Tiny models and random batches in the step's layout, shared by tests."""
+
+import numpy as np
+
+from bfpo_jax.model import MistralConfig
+
+VOCAB = 64
+
+
+def tiny_config(**overrides):
+  fields = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, tie_word_embeddings=False,
+                sliding_window=None)
+  fields.update(overrides)
+  return MistralConfig.tiny(**fields)
+
+
+def _sequences(rng, n, length, prompt_lens, response_lens):
+  ids = np.zeros((n, length), np.int32)
+  attention = np.zeros((n, length), bool)
+  loss = np.zeros((n, length), bool)
+  for i in range(n):
+    p, r = prompt_lens[i], response_lens[i]
+    ids[i, : p + r] = rng.integers(3, VOCAB, p + r)
+    attention[i, : p + r] = True
+    loss[i, p : p + r] = True
+  return ids, attention, loss
+
+
+def preference_batch(seed, pairs=8, length=12):
+  """Right-padded pairs sharing each prompt, with mixed safety flags."""
+  rng = np.random.default_rng(seed)
+  prompt = rng.integers(2, 5, pairs)
+  batch = {}
+  for side in ("chosen", "rejected"):
+    response = rng.integers(2, length - 5, pairs)
+    ids, attention, loss = _sequences(rng, pairs, length, prompt, response)
+    if side == "rejected":  # same prompt tokens as the chosen sequence
+      for i in range(pairs):
+        ids[i, : prompt[i]] = batch["chosen_input_ids"][i, : prompt[i]]
+    batch[f"{side}_input_ids"] = ids
+    batch[f"{side}_attention_mask"] = attention
+    batch[f"{side}_loss_mask"] = loss
+  batch["chosen_is_safe"] = rng.integers(0, 2, pairs).astype(bool)
+  batch["rejected_is_safe"] = rng.integers(0, 2, pairs).astype(bool)
+  batch["weight"] = np.ones(pairs, np.float32)
+  return batch
+
+
+def sft_batch(seed, rows=8, length=12):
+  rng = np.random.default_rng(seed)
+  ids, attention, loss = _sequences(rng, rows, length, rng.integers(2, 5, rows),
+                                    rng.integers(2, length - 5, rows))
+  return {"input_ids": ids, "attention_mask": attention, "loss_mask": loss}
