@@ -1,0 +1,208 @@
+"""Records -> tokenized examples -> grain batches in the train step's layout.
+
+:func:`prepare` reads, validates and tokenizes every source once, counting
+what it skips (the same report the data CLI prints). :func:`batches` turns the
+examples into an endless, deterministic, per-process grain dataset of padded
+batches; its iterator's ``get_state()``/``set_state()`` resume at exactly the
+next batch.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+
+import grain
+import numpy as np
+
+from bfpo_jax.data.sources import DataError, Skip, SourceSpec, load_records
+from bfpo_jax.data.tokenize import ChatTokenizer, tokenize_pair, tokenize_sft
+
+MIXTURES = ("concat", "weighted")
+
+
+def _tokenize_chunk(tokenizer, task, max_prompt_length, max_length, records):
+  chat = ChatTokenizer(tokenizer)
+  out = []
+  for record in records:
+    try:
+      if task == "sft":
+        out.append(tokenize_sft(chat, record, max_length=max_length))
+      else:
+        out.append(tokenize_pair(chat, record,
+                                 max_prompt_length=max_prompt_length,
+                                 max_length=max_length))
+    except Skip as s:
+      out.append(s.args[0])
+  return out
+
+
+def _length_stats(lengths):
+  if not lengths:
+    return {}
+  a = np.asarray(lengths)
+  return {"min": int(a.min()), "mean": round(float(a.mean()), 1),
+          "p50": int(np.percentile(a, 50)), "p95": int(np.percentile(a, 95)),
+          "max": int(a.max())}
+
+
+def token_length_stats(examples, task):
+  if task == "sft":
+    return {"sequence": _length_stats([len(e["input_ids"]) for e in examples])}
+  return {
+      "prompt": _length_stats([e["prompt_length"] for e in examples]),
+      "chosen": _length_stats([len(e["chosen_ids"]) for e in examples]),
+      "rejected": _length_stats([len(e["rejected_ids"]) for e in examples]),
+  }
+
+
+def prepare(specs: list[SourceSpec], tokenizer, *, task: str,
+            max_prompt_length=512, max_length=1024, seed=0, num_workers=0):
+  """Reads, validates and tokenizes sources for one task.
+
+  Args:
+    specs: the sources; each must serve ``task``.
+    tokenizer: a ``transformers`` tokenizer (Zephyr template applied here).
+    task: ``"preference"`` or ``"sft"``.
+    max_prompt_length: prompt tokens kept (from the right, BOS kept).
+    max_length: tokens of prompt + response.
+    seed: seed of each source's ``limit`` subsample.
+    num_workers: processes for tokenization (0: in this process).
+
+  Returns:
+    ``(examples_by_source, report)``: lists of tokenized examples, and a dict
+    per source name with rows read/kept/used, skips by reason and token
+    length statistics.
+  """
+  if task == "preference" and max_prompt_length >= max_length:
+    raise DataError(f"max_prompt_length ({max_prompt_length}) must be below "
+                    f"max_length ({max_length})")
+  examples_by_source, report = [], {}
+  for spec in specs:
+    if spec.task != task:
+      raise DataError(f"{spec.path}: source is for the {spec.task!r} task, "
+                      f"this stage needs {task!r}")
+    records, source_report = load_records(spec, seed)
+    fn = functools.partial(_tokenize_chunk, tokenizer, task, max_prompt_length,
+                           max_length)
+    if num_workers and len(records) > 2000:
+      chunks = [records[i:i + 1000] for i in range(0, len(records), 1000)]
+      with concurrent.futures.ProcessPoolExecutor(num_workers) as pool:
+        results = [x for chunk in pool.map(fn, chunks) for x in chunk]
+    else:
+      results = fn(records)
+    examples = []
+    for result in results:
+      if isinstance(result, str):
+        source_report.skip(result)
+      else:
+        examples.append(result)
+    source_report.rows_used = len(examples)
+    entry = source_report.as_dict()
+    entry["token_lengths"] = token_length_stats(examples, task)
+    report[spec.name] = entry
+    examples_by_source.append(examples)
+  return examples_by_source, report
+
+
+# --------------------------------------------------------------------------- #
+# Collation
+# --------------------------------------------------------------------------- #
+
+
+def bucket_length(n, buckets):
+  """Smallest bucket >= n (the last bucket if none is)."""
+  for b in sorted(buckets):
+    if n <= b:
+      return b
+  return max(buckets)
+
+
+def _pad(rows, length, pad_id):
+  ids = np.full((len(rows), length), pad_id, np.int32)
+  attention = np.zeros((len(rows), length), bool)
+  for i, row in enumerate(rows):
+    ids[i, : len(row)] = row
+    attention[i, : len(row)] = True
+  return ids, attention
+
+
+def collate_pairs(examples, *, buckets, pad_id):
+  """Preference examples -> the train step's batch dict (right-padded)."""
+  longest = max(max(len(e["chosen_ids"]), len(e["rejected_ids"]))
+                for e in examples)
+  length = bucket_length(longest, buckets)
+  batch = {}
+  for side in ("chosen", "rejected"):
+    ids, attention = _pad([e[f"{side}_ids"] for e in examples], length, pad_id)
+    prompt = np.array([e["prompt_length"] for e in examples])[:, None]
+    batch[f"{side}_input_ids"] = ids
+    batch[f"{side}_attention_mask"] = attention
+    batch[f"{side}_loss_mask"] = attention & (np.arange(length)[None] >= prompt)
+    batch[f"{side}_is_safe"] = np.array([e[f"{side}_is_safe"] for e in examples])
+  batch["weight"] = np.ones(len(examples), np.float32)
+  return batch
+
+
+def collate_sft(examples, *, buckets, pad_id):
+  """SFT examples -> ``input_ids``, ``attention_mask``, ``loss_mask``."""
+  length = bucket_length(max(len(e["input_ids"]) for e in examples), buckets)
+  ids, attention = _pad([e["input_ids"] for e in examples], length, pad_id)
+  loss = np.zeros_like(attention)
+  for i, e in enumerate(examples):
+    loss[i, : len(e["loss_mask"])] = e["loss_mask"]
+  return {"input_ids": ids, "attention_mask": attention, "loss_mask": loss}
+
+
+# --------------------------------------------------------------------------- #
+# grain datasets
+# --------------------------------------------------------------------------- #
+
+
+def examples_dataset(examples_by_source, *, seed, mixture="concat",
+                     weights=None):
+  """One endless, shuffled grain MapDataset of examples.
+
+  ``concat`` (count-based, as the paper mixes 30K + 30K): all sources in one
+  pool, reshuffled every epoch. ``weighted``: each source repeats on its own
+  and is sampled with ``weights``.
+  """
+  if mixture not in MIXTURES:
+    raise DataError(f"mixture must be one of {MIXTURES}, got {mixture!r}")
+  sources = [grain.MapDataset.source(ex) for ex in examples_by_source if ex]
+  if not sources:
+    raise DataError("no examples left after validation: see the data report")
+  if mixture == "concat":
+    return grain.MapDataset.concatenate(sources).seed(seed).shuffle().repeat()
+  weights = weights or [1.0] * len(sources)
+  repeated = [s.seed(seed + i).shuffle().repeat() for i, s in enumerate(sources)]
+  return grain.MapDataset.mix(repeated, weights)
+
+
+def batches(examples_by_source, *, task, global_batch, seed=0,
+            mixture="concat", weights=None, buckets=(1024,), pad_id=0,
+            process_index=0, process_count=1):
+  """An endless grain MapDataset of this process's batches.
+
+  Each process takes every ``process_count``-th example of the shared shuffled
+  stream, so processes see disjoint examples and together the global batch.
+
+  Returns:
+    MapDataset whose element k is this process's share of global batch k
+    (``global_batch // process_count`` rows).
+  """
+  if global_batch % process_count:
+    raise DataError(f"global batch {global_batch} is not divisible by "
+                    f"{process_count} processes")
+  collate = collate_sft if task == "sft" else collate_pairs
+  ds = examples_dataset(examples_by_source, seed=seed, mixture=mixture,
+                        weights=weights)
+  ds = ds[process_index::process_count]
+  return ds.batch(global_batch // process_count, drop_remainder=True,
+                  batch_fn=functools.partial(collate, buckets=buckets,
+                                             pad_id=pad_id))
+
+
+def with_buffer(main, buffer):
+  """Adds ``buffer``'s k-th batch under key ``"buffer"`` of ``main``'s k-th."""
+  return main.map_with_index(lambda k, b: dict(b, buffer=buffer[k]))
