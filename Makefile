@@ -18,8 +18,11 @@ $(VENV)/.test: requirements-test.txt requirements.txt $(VENV)/.runtime
 	$(PY) -m pip install -q -r requirements-test.txt
 	touch $@
 
+# The tiny CPU default: SFT, then BFPO from the SFT run (a few minutes).
 run: $(VENV)/.runtime
-	$(PY) -m bfpo_jax.synthetic --out runs/synthetic
+	$(PY) -m bfpo_jax.train --config configs/tiny.py:sft --workdir runs/tiny_sft
+	$(PY) -m bfpo_jax.train --config configs/tiny.py --workdir runs/tiny_bfpo \
+	    --config.init_from=runs/tiny_sft
 
 # pytest exits 5 when it collected no test: that is a failure, not a pass.
 test: $(VENV)/.test

@@ -177,13 +177,14 @@ def save_hf(path: str, cfg: MistralConfig, params, *, max_shard_size="5GB",
     size += nbytes
   shards.append(current)
 
-  os.makedirs(path, exist_ok=True)
-  hf_config = cfg.to_hf()
-  hf_config.dtype = str(out_dtype(flat[0][1]))
-  hf_config.save_pretrained(path)
-  for stale in (glob.glob(os.path.join(path, "model*.safetensors"))
-                + glob.glob(os.path.join(path, INDEX_FILE))):
-    os.remove(stale)
+  if jax.process_index() == 0:
+    os.makedirs(path, exist_ok=True)
+    hf_config = cfg.to_hf()
+    hf_config.dtype = str(out_dtype(flat[0][1]))
+    hf_config.save_pretrained(path)
+    for stale in (glob.glob(os.path.join(path, "model*.safetensors"))
+                  + glob.glob(os.path.join(path, INDEX_FILE))):
+      os.remove(stale)
 
   names = ([SINGLE_FILE] if len(shards) == 1 else
            [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -196,11 +197,12 @@ def save_hf(path: str, cfg: MistralConfig, params, *, max_shard_size="5GB",
       tensors[name] = np.ascontiguousarray(host.T if transpose else host)
       weight_map[name] = file
       total += tensors[name].nbytes
-    save_file(tensors, os.path.join(path, file), metadata={"format": "pt"})
+    if jax.process_index() == 0:  # every process gathers; one writes
+      save_file(tensors, os.path.join(path, file), metadata={"format": "pt"})
     del tensors
   written = [os.path.join(path, "config.json")] + [
       os.path.join(path, n) for n in names]
-  if len(shards) > 1:
+  if len(shards) > 1 and jax.process_index() == 0:
     with open(os.path.join(path, INDEX_FILE), "w") as f:
       json.dump({"metadata": {"total_size": total},
                  "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)

@@ -1,0 +1,181 @@
+"""Everything a run builds before its first step: model, data, state.
+
+Kept apart from :mod:`bfpo_jax.train` (the loop) so notebooks can build the
+same pieces and call the step themselves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bfpo_jax import sharding
+from bfpo_jax.config import ConfigError, data_parallel_size
+from bfpo_jax.data import pipeline
+from bfpo_jax.data.sources import SourceSpec
+from bfpo_jax.model.config import MistralConfig
+from bfpo_jax.model.hf_io import load_config, load_hf
+from bfpo_jax.model.mistral import init_params
+from bfpo_jax.model.tokenizer import load_tokenizer
+from bfpo_jax.optimizer import make_optimizer
+from bfpo_jax.train_step import StepConfig
+
+EXPORT_DIR = "hf_export"
+
+
+def model_source(config) -> str:
+  """The HF folder to start from ("" = random init): init_from wins."""
+  source = config.init_from or config.model.hf_path
+  if source and os.path.isdir(os.path.join(source, EXPORT_DIR)):
+    return os.path.join(source, EXPORT_DIR)  # an earlier run's workdir
+  return source
+
+
+def load_model(config, mesh):
+  """``(model_cfg, params)`` with params placed on their shardings."""
+  param_dtype = jnp.dtype(config.model.param_dtype)
+  run = dict(dtype=jnp.dtype(config.model.dtype), remat=config.model.remat,
+             attention_impl=config.model.attention_impl)
+  source = model_source(config)
+  if source:
+    cfg = load_config(source, param_dtype=param_dtype, **run)
+  else:
+    cfg = getattr(MistralConfig, config.model.preset)(param_dtype=param_dtype,
+                                                      **run)
+  shardings = sharding.named(mesh, sharding.param_specs(cfg, dict(mesh.shape)))
+  if source:
+    _, params = load_hf(source, dtype=param_dtype, shardings=shardings)
+  else:
+    init = jax.jit(init_params, static_argnums=0, out_shardings=shardings)
+    params = init(cfg, jax.random.key(config.seed))
+  return cfg, params
+
+
+def tokenizer_for(config):
+  source = model_source(config)
+  name = config.tokenizer or (source if source and os.path.isfile(
+      os.path.join(source, "tokenizer_config.json")) else "mistral")
+  return load_tokenizer(name)
+
+
+def step_config(config) -> StepConfig:
+  t = config.trainable
+  return StepConfig(
+      stage=config.stage, beta=config.loss.beta, alpha=config.loss.alpha,
+      b1=config.loss.b1, label_smoothing=config.loss.label_smoothing,
+      average_logps=config.loss.average_logps,
+      chunk_size=config.loss.chunk_size,
+      accumulation_steps=config.batch.accumulation,
+      buffer_weight=config.data.buffer_weight, mode=t.mode,
+      lora_scale=t.lora_alpha / t.lora_rank)
+
+
+@dataclasses.dataclass
+class RunData:
+  train: pipeline.grain.MapDataset  # this process's batches, endless
+  eval_batches: list  # this process's rows of each eval batch
+  eval_shares: list  # real pairs (or tokens) per eval batch
+  steps_per_epoch: int
+  report: dict
+  pad_id: int
+
+
+def _split_eval(examples, fraction, seed):
+  order = np.random.default_rng(seed).permutation(len(examples))
+  n_eval = int(round(fraction * len(examples)))
+  held = set(order[:n_eval].tolist())
+  return ([e for i, e in enumerate(examples) if i not in held],
+          [examples[i] for i in sorted(held)])
+
+
+def _eval_batches(examples, task, size, buckets, pad_id):
+  """Fixed eval batches; the last is padded with zero-weight rows."""
+  collate = pipeline.collate_sft if task == "sft" else pipeline.collate_pairs
+  out, shares = [], []
+  for start in range(0, len(examples), size):
+    chunk = examples[start:start + size]
+    real = len(chunk)
+    chunk = chunk + [chunk[0]] * (size - real)
+    batch = collate(chunk, buckets=buckets, pad_id=pad_id)
+    if task == "sft":
+      batch["loss_mask"][real:] = False
+      shares.append(float(batch["loss_mask"][:, 1:].sum()))
+    else:
+      batch["weight"][real:] = 0.0
+      shares.append(float(real))
+    out.append(batch)
+  return out, shares
+
+
+def _local_rows(batch, index, count):
+  return jax.tree.map(lambda x: x[index * len(x) // count:
+                                  (index + 1) * len(x) // count], batch)
+
+
+def load_data(config, tokenizer, num_devices) -> RunData:
+  task = "sft" if config.stage == "sft" else "preference"
+  d = config.data
+  specs = [SourceSpec.parse(s, task=task, limit=d.limit_per_source or None,
+                            revision=d.revision or None) for s in d.sources]
+  kwargs = dict(max_prompt_length=d.max_prompt_length, max_length=d.max_length,
+                seed=config.seed, num_workers=d.num_workers)
+  examples, report = pipeline.prepare(specs, tokenizer, task=task, **kwargs)
+  split = [_split_eval(ex, d.eval_fraction, config.seed + i)
+           for i, ex in enumerate(examples)]
+  train = [s[0] for s in split]
+  held_out = [e for s in split for e in s[1]]
+  for spec, (tr, ev) in zip(specs, split):
+    report[spec.name].update(train=len(tr), eval=len(ev))
+  n_train = sum(map(len, train))
+  if n_train < config.batch.global_size:
+    raise ConfigError(f"data: {n_train} training examples are fewer than "
+                      f"batch.global_size ({config.batch.global_size})")
+  pad_id = tokenizer.pad_token_id
+  pad_id = tokenizer.eos_token_id if pad_id is None else pad_id
+  p, n = jax.process_index(), jax.process_count()
+  ds = pipeline.batches(train, task=task, global_batch=config.batch.global_size,
+                        seed=config.seed, mixture=d.mixture,
+                        weights=list(d.weights) or None, buckets=list(d.buckets),
+                        pad_id=pad_id, process_index=p, process_count=n)
+  if d.buffer_sources:
+    buffer_specs = [SourceSpec.parse(s, task="sft") for s in d.buffer_sources]
+    buffer_examples, buffer_report = pipeline.prepare(
+        buffer_specs, tokenizer, task="sft", **kwargs)
+    report.update({f"buffer:{k}": v for k, v in buffer_report.items()})
+    ds = pipeline.with_buffer(ds, pipeline.batches(
+        buffer_examples, task="sft", global_batch=config.batch.global_size,
+        seed=config.seed + 1, buckets=list(d.buckets), pad_id=pad_id,
+        process_index=p, process_count=n))
+  eval_size = config.batch.per_device * data_parallel_size(config, num_devices)
+  eval_batches, shares = _eval_batches(held_out, task, eval_size,
+                                       list(d.buckets), pad_id)
+  return RunData(train=ds, eval_batches=[_local_rows(b, p, n)
+                                         for b in eval_batches],
+                 eval_shares=shares,
+                 steps_per_epoch=n_train // config.batch.global_size,
+                 report=report, pad_id=pad_id)
+
+
+def total_steps(config, data: RunData) -> int:
+  if config.max_steps > 0:
+    return config.max_steps
+  return max(1, config.num_epochs * data.steps_per_epoch)
+
+
+def optimizer_for(config, steps: int):
+  o = config.optimizer
+  return make_optimizer(o.learning_rate, steps, name=o.name,
+                        schedule=o.schedule, warmup_ratio=o.warmup_ratio,
+                        weight_decay=o.weight_decay, clip_norm=o.clip_norm)
+
+
+def global_batch(batch, mesh):
+  """This process's rows -> global arrays sharded over the batch axes."""
+  spec = sharding.batch_sharding(mesh)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(spec, np.asarray(x)),
+      batch)

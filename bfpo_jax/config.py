@@ -1,0 +1,147 @@
+"""The one config shape every stage and every config file fills in.
+
+``configs/*.py`` start from :func:`default_config` and change what they need;
+``--config.FIELD=VALUE`` overrides any field on the command line. Field names
+are the public interface of the training CLI.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+from bfpo_jax.data.sources import KINDS
+from bfpo_jax.train_step import STAGES
+from bfpo_jax.trainable import MODES
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+  """A config that cannot run; the message names the field."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.stage = "bfpo"  # sft | bfpo | dpo | ipo
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.hf_path = ""  # Hugging Face folder; "" = random init of `preset`
+  c.model.preset = "tiny"  # random-init architecture: tiny | mistral_7b
+  c.model.dtype = "float32"  # compute dtype (bfloat16 on accelerators)
+  c.model.param_dtype = "float32"  # storage dtype of frozen weights
+  c.model.remat = False  # rematerialise each block in the backward pass
+  c.model.attention_impl = "xla"  # xla | cudnn
+  c.init_from = ""  # an earlier run's workdir or HF export (SFT -> BFPO)
+  c.tokenizer = ""  # tokenizer folder; "" = the model's, "mistral" = bundled
+
+  c.trainable = ml_collections.ConfigDict()
+  c.trainable.mode = "selective"  # full | selective | lora
+  c.trainable.pattern = ""  # regex over param paths; "" = the mode's default
+  c.trainable.lora_rank = 16
+  c.trainable.lora_alpha = 32.0  # LoRA scale = alpha / rank
+
+  c.data = ml_collections.ConfigDict()
+  c.data.sources = ()  # "KIND:PATH_OR_HUB_NAME" strings (see bfpo_jax.data)
+  c.data.limit_per_source = 0  # 0 = all; the paper uses 30000
+  c.data.mixture = "concat"  # concat (count-based) | weighted
+  c.data.weights = ()  # per source, for the weighted mixture
+  c.data.buffer_sources = ()  # SFT sources of the optional buffer term
+  c.data.buffer_weight = 0.0  # weight of the buffer SFT loss; 0 = off
+  c.data.eval_fraction = 0.05  # held out per source for evaluation
+  c.data.max_prompt_length = 512
+  c.data.max_length = 1024
+  c.data.buckets = (1024,)  # padded lengths (fewer recompiles than per batch)
+  c.data.num_workers = 0  # tokenization processes
+  c.data.revision = ""  # pin hub datasets to a revision
+
+  c.batch = ml_collections.ConfigDict()
+  c.batch.global_size = 32  # pairs (or sequences) per optimizer step
+  c.batch.per_device = 2  # per data-parallel device per microbatch
+  c.batch.accumulation = 4  # microbatches per step
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = "adamw"  # adamw | rmsprop
+  c.optimizer.learning_rate = 5e-7
+  c.optimizer.schedule = "cosine"  # cosine | linear | constant
+  c.optimizer.warmup_ratio = 0.1
+  c.optimizer.weight_decay = 0.0
+  c.optimizer.clip_norm = 1.0
+  c.num_epochs = 1
+  c.max_steps = 0  # > 0 overrides num_epochs
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.beta = 0.01  # tau in the paper
+  c.loss.alpha = 0.5
+  c.loss.b1 = 3.0
+  c.loss.label_smoothing = 0.0  # dpo
+  c.loss.average_logps = False  # sum over response tokens, as the paper
+  c.loss.chunk_size = 1024  # tokens per chunk of the log-prob computation
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = 1
+  c.mesh.fsdp = -1  # -1: all remaining devices
+  c.mesh.tensor = 1
+
+  c.checkpoint_every_steps = 200
+  c.keep_checkpoints = 3
+  c.eval_every_steps = 200  # 0 = only at the end
+  c.log_every_steps = 1
+  c.max_consecutive_nonfinite = 5
+  c.export_hf = True  # write workdir/hf_export at the end (LoRA merged)
+  return c
+
+
+def data_parallel_size(config, num_devices) -> int:
+  from bfpo_jax.sharding import mesh_shape
+
+  sizes = mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor,
+                     num_devices)
+  return sizes["data"] * sizes["fsdp"]
+
+
+def validate(config, num_devices: int) -> None:
+  """Raises :class:`ConfigError` naming the first field that cannot work."""
+  if config.stage not in STAGES:
+    raise ConfigError(f"stage: {config.stage!r} is not one of {STAGES}")
+  if config.trainable.mode not in MODES:
+    raise ConfigError(f"trainable.mode: {config.trainable.mode!r} is not one "
+                      f"of {MODES}")
+  for field in ("dtype", "param_dtype"):
+    if config.model[field] not in DTYPES:
+      raise ConfigError(f"model.{field}: {config.model[field]!r} is not one of "
+                        f"{DTYPES}")
+  source = config.init_from or config.model.hf_path
+  if source and not os.path.isdir(source):
+    field = "init_from" if config.init_from else "model.hf_path"
+    raise ConfigError(f"{field}: model folder {source!r} does not exist")
+  if not source and config.model.preset not in ("tiny", "mistral_7b"):
+    raise ConfigError(f"model.preset: {config.model.preset!r} is not tiny or "
+                      "mistral_7b")
+  if not config.data.sources:
+    raise ConfigError("data.sources: no data sources given")
+  for spec in list(config.data.sources) + list(config.data.buffer_sources):
+    if spec.partition(":")[0] not in KINDS:
+      raise ConfigError(f"data.sources: {spec!r} does not start with one of "
+                        f"{', '.join(KINDS)}")
+  try:
+    dp = data_parallel_size(config, num_devices)
+  except ValueError as e:
+    raise ConfigError(f"mesh: {e}") from None
+  b = config.batch
+  if b.global_size != b.per_device * b.accumulation * dp:
+    raise ConfigError(
+        f"batch: global_size ({b.global_size}) must equal per_device "
+        f"({b.per_device}) x accumulation ({b.accumulation}) x data-parallel "
+        f"devices ({dp}) = {b.per_device * b.accumulation * dp}")
+  if config.data.max_prompt_length >= config.data.max_length:
+    raise ConfigError("data.max_prompt_length must be below data.max_length")
+  if max(config.data.buckets) < config.data.max_length:
+    raise ConfigError(f"data.buckets: the largest ({max(config.data.buckets)}) "
+                      f"must cover data.max_length ({config.data.max_length})")
+  if config.max_steps <= 0 and config.num_epochs <= 0:
+    raise ConfigError("num_epochs or max_steps must be positive")
+  if config.data.buffer_weight and not config.data.buffer_sources:
+    raise ConfigError("data.buffer_weight > 0 needs data.buffer_sources")

@@ -1,0 +1,185 @@
+"""The training CLI end to end on the tiny config, as a user runs it."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from bfpo_jax.model import apply
+from bfpo_jax.model.hf_io import load_hf
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ["--config.max_steps=6", "--config.data.max_length=64",
+        "--config.data.max_prompt_length=32", "--config.data.buckets=(64,)",
+        "--config.eval_every_steps=3", "--config.checkpoint_every_steps=3"]
+
+
+def _cli(workdir, *flags, config="configs/tiny.py", env=None, wait=True):
+  cmd = [sys.executable, "-m", "bfpo_jax.train", f"--config={config}",
+         f"--workdir={workdir}", *flags]
+  full_env = dict(os.environ, JAX_PLATFORMS="cpu", **(env or {}))
+  if not wait:
+    return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+  return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True,
+                        text=True, timeout=600)
+
+
+def _metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def _train_losses(workdir):
+  return {m["step"]: m["loss"] for m in _metrics(workdir) if "loss" in m}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["sft", "bfpo", "dpo", "ipo"])
+def test_each_stage_runs_and_writes_what_a_person_sees(tmp_path, stage):
+  workdir = str(tmp_path / stage)
+  proc = _cli(workdir, *FAST, config=f"configs/tiny.py:{stage}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "devices: 1 x cpu" in proc.stderr + proc.stdout
+  records = _metrics(workdir)
+  train = [r for r in records if "loss" in r]
+  assert [r["step"] for r in train] == list(range(1, 7))
+  assert all(r["stage"] == stage and np.isfinite(r["loss"]) for r in train)
+  evals = [r for r in records if "eval/loss" in r]
+  assert [r["step"] for r in evals] == [3, 6, 6]
+  if stage != "sft":
+    assert "eval/rewards/accuracy/safe_unsafe" in evals[-1]
+  assert os.listdir(os.path.join(workdir, "tensorboard"))
+  report = json.load(open(os.path.join(workdir, "data_report.json")))
+  assert all(v["rows_read"] > 0 for v in report.values())
+  summary = json.load(open(os.path.join(workdir, "summary.json")))
+  assert summary["status"] == "finished" and summary["step"] == 6
+
+
+@pytest.mark.slow
+def test_sft_then_bfpo_chain_and_export_loads_in_transformers(tmp_path):
+  sft = str(tmp_path / "sft")
+  assert _cli(sft, *FAST, config="configs/tiny.py:sft").returncode == 0
+  bfpo = str(tmp_path / "bfpo")
+  proc = _cli(bfpo, *FAST, f"--config.init_from={sft}",
+              "--config.trainable.mode=selective")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  sft_cfg, sft_params = load_hf(os.path.join(sft, "hf_export"))
+  cfg, params = load_hf(os.path.join(bfpo, "hf_export"))
+  # Selective BFPO changed only down_proj of the SFT model it started from.
+  for name in ("embed_tokens", "norm"):
+    np.testing.assert_array_equal(jax_tree_first(params[name]),
+                                  jax_tree_first(sft_params[name]))
+  assert not np.array_equal(params["layers"][0]["mlp"]["down_proj"]["kernel"],
+                            sft_params["layers"][0]["mlp"]["down_proj"]["kernel"])
+  hf = transformers.MistralForCausalLM.from_pretrained(
+      os.path.join(bfpo, "hf_export"), attn_implementation="eager").eval()
+  tok = transformers.AutoTokenizer.from_pretrained(os.path.join(bfpo, "hf_export"))
+  ids = np.array([[1] + tok("<|user|>\nHello", add_special_tokens=False).input_ids])
+  with torch.no_grad():
+    theirs = hf(torch.tensor(ids)).logits.numpy()
+  np.testing.assert_allclose(apply(cfg, params, jnp.asarray(ids)), theirs,
+                             atol=1e-4)
+
+
+def jax_tree_first(tree):
+  while isinstance(tree, dict):
+    tree = next(iter(tree.values()))
+  return np.asarray(tree)
+
+
+def _wait_for_checkpoint(workdir, step, proc, timeout=300):
+  path = os.path.join(workdir, "checkpoints", str(step))
+  deadline = time.time() + timeout
+  while not os.path.isdir(path):
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    assert time.time() < deadline, "no checkpoint appeared"
+    time.sleep(0.05)
+
+
+LONG = ["--config.max_steps=40", "--config.data.max_length=64",
+        "--config.data.max_prompt_length=32", "--config.data.buckets=(64,)",
+        "--config.eval_every_steps=0", "--config.checkpoint_every_steps=4",
+        "--config.export_hf=False"]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_with_identical_losses(tmp_path):
+  whole = str(tmp_path / "whole")
+  assert _cli(whole, *LONG).returncode == 0
+  expected = _train_losses(whole)
+  assert len(expected) == 40
+
+  killed = str(tmp_path / "killed")
+  proc = _cli(killed, *LONG, wait=False)
+  _wait_for_checkpoint(killed, 8, proc)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL
+  resumed = _cli(killed, *LONG)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "resumed from checkpoint" in resumed.stderr + resumed.stdout
+  got = _train_losses(killed)
+  assert sorted(got) == list(range(1, 41))
+  assert got == expected  # bitwise: same floats, every step
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+  workdir = str(tmp_path / "term")
+  proc = _cli(workdir, *LONG, wait=False)
+  _wait_for_checkpoint(workdir, 4, proc)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-3000:]
+  summary = json.load(open(os.path.join(workdir, "summary.json")))
+  assert summary["status"] == "stopped by SIGTERM"
+  saved = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))
+                 if s.isdigit())
+  assert saved[-1] == summary["step"] >= 4
+
+
+@pytest.mark.slow
+def test_eight_fake_devices_match_one_device(tmp_path):
+  flags = [*FAST, "--config.eval_every_steps=0", "--config.export_hf=False",
+           "--config.batch.accumulation=1"]
+  one = str(tmp_path / "one")
+  assert _cli(one, *flags, "--config.batch.per_device=8").returncode == 0
+  eight = str(tmp_path / "eight")
+  proc = _cli(eight, *flags, "--config.batch.per_device=1", "--config.mesh.fsdp=8",
+              env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "devices: 8 x cpu" in proc.stderr + proc.stdout
+  a, b = _train_losses(one), _train_losses(eight)
+  assert sorted(a) == sorted(b) == list(range(1, 7))
+  np.testing.assert_allclose([b[k] for k in sorted(b)], [a[k] for k in sorted(a)],
+                             rtol=1e-4)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--config.batch.global_size=10"], "batch: global_size (10) must equal"),
+    (["--config.mesh.fsdp=3"], "mesh: "),
+    (["--config.init_from=/no/such/run"], "init_from: model folder"),
+    (["--config.stage=ppo"], "stage: 'ppo'"),
+    (["--config.data.sources=('nonsense:x',)"], "data.sources"),
+])
+def test_bad_configs_fail_fast_with_one_line(tmp_path, flags, message):
+  proc = _cli(str(tmp_path / "bad"), *flags)
+  assert proc.returncode == 2
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: ") and message in last, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+
+
+def test_unknown_config_key_is_rejected(tmp_path):
+  proc = _cli(str(tmp_path / "bad"), "--config.no_such_field=1")
+  assert proc.returncode != 0
+  assert "no_such_field" in proc.stderr and "Traceback" not in proc.stderr
