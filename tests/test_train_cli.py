@@ -183,3 +183,18 @@ def test_unknown_config_key_is_rejected(tmp_path):
   proc = _cli(str(tmp_path / "bad"), "--config.no_such_field=1")
   assert proc.returncode != 0
   assert "no_such_field" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_nonfinite_losses_stop_the_run_with_a_checkpoint(tmp_path):
+  workdir = str(tmp_path / "nan")
+  proc = _cli(workdir, *FAST, "--config.optimizer.learning_rate=1e30",
+              "--config.optimizer.warmup_ratio=0",
+              "--config.optimizer.schedule=constant",
+              "--config.max_consecutive_nonfinite=2", "--config.max_steps=12")
+  assert proc.returncode == 2
+  last = proc.stderr.strip().splitlines()[-1]
+  assert "non-finite steps in a row" in last and "checkpoint saved" in last
+  assert os.listdir(os.path.join(workdir, "checkpoints"))
+  skipped = [m for m in _metrics(workdir) if m.get("nonfinite") == 1.0]
+  assert len(skipped) == 2
