@@ -23,7 +23,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from bfpo_jax import build, sharding, trainable
+from bfpo_jax import build, distributed, sharding, trainable
 from bfpo_jax import train_step as ts
 from bfpo_jax.checkpoint import Checkpointer
 from bfpo_jax.config import ConfigError, validate
@@ -33,6 +33,13 @@ from bfpo_jax.model.hf_io import save_hf
 config_flags.DEFINE_config_file("config", None, "Python config file with "
                                 "get_config().", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run folder (default runs/<stage>).")
+flags.DEFINE_string("coordinator_address", None,
+                    "host:port of process 0 (multi-process runs outside "
+                    "SLURM/TPU, which are detected).")
+flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+flags.DEFINE_integer("process_id", None, "This process's index.")
+flags.DEFINE_integer("distributed_timeout", 300,
+                     "Seconds to wait for all processes to join.")
 
 
 class NonFiniteError(RuntimeError):
@@ -280,9 +287,13 @@ def main(argv):
           file=sys.stderr)
     sys.exit(2)
   workdir = flags.FLAGS.workdir or os.path.join("runs", config.stage)
+  f = flags.FLAGS
   try:
+    distributed.initialize(f.coordinator_address, f.num_processes, f.process_id,
+                           timeout_s=f.distributed_timeout)
     run(config, workdir)
-  except (ConfigError, DataError, FileNotFoundError) as e:
+  except (ConfigError, DataError, FileNotFoundError,
+          distributed.DistributedError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 
