@@ -78,7 +78,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.loss.b1 = 3.0
   c.loss.label_smoothing = 0.0  # dpo
   c.loss.average_logps = False  # sum over response tokens, as the paper
-  c.loss.chunk_size = 1024  # tokens per chunk of the log-prob computation
+  c.loss.chunk_size = 256  # tokens per log-prob chunk (prompt/pad chunks skipped)
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = 1

@@ -127,13 +127,15 @@ def _chunk_token_logps(hidden_CxD, unembedding_DxV, labels_C, vocab_chunk_size):
 
 
 def chunked_token_logps(hidden, unembedding, labels, *, chunk_size,
-                        vocab_chunk_size=None):
+                        vocab_chunk_size=None, mask=None):
   """Per-token log-probs from final hidden states, never forming [B, T, V].
 
   Tokens are processed ``chunk_size`` at a time in a ``lax.scan`` whose body is
   rematerialised, so the forward and backward passes hold logits for one
   chunk only: [chunk_size, V], or [chunk_size, vocab_chunk_size] when the
-  vocabulary is streamed too.
+  vocabulary is streamed too. With ``mask``, a chunk holding no masked-in
+  token (all prompt or padding) skips the unembedding altogether, forward and
+  backward, and reports 0 there.
 
   Args:
     hidden: [B, T, D] final hidden states (after the last norm).
@@ -142,6 +144,7 @@ def chunked_token_logps(hidden, unembedding, labels, *, chunk_size,
     chunk_size: tokens per chunk; B*T is padded up to a multiple of it.
     vocab_chunk_size: if set, stream the logsumexp over vocabulary chunks of
       this size as well.
+    mask: optional [B, T]; positions outside it may be left at 0.
 
   Returns:
     [B, T] float32 log-probabilities.
@@ -152,19 +155,28 @@ def chunked_token_logps(hidden, unembedding, labels, *, chunk_size,
   labels_N = _pad_axis(jnp.clip(labels.reshape(b * t), 0, vocab - 1), 0,
                        chunk_size)
   n_chunks = hidden_NxD.shape[0] // chunk_size
+  if mask is None:
+    needed_K = jnp.ones((n_chunks,), bool)
+  else:
+    needed_K = _pad_axis(mask.reshape(b * t).astype(bool), 0, chunk_size
+                         ).reshape(n_chunks, chunk_size).any(axis=1)
 
   @jax.checkpoint
-  def one_chunk(w_DxV, hidden_CxD, labels_C):
-    return _chunk_token_logps(hidden_CxD, w_DxV, labels_C, vocab_chunk_size)
+  def one_chunk(w_DxV, hidden_CxD, labels_C, needed):
+    return jax.lax.cond(
+        needed,
+        lambda: _chunk_token_logps(hidden_CxD, w_DxV, labels_C,
+                                   vocab_chunk_size),
+        lambda: jnp.zeros(labels_C.shape, jnp.float32))
 
   def body(_, inputs):
-    hidden_CxD, labels_C = inputs
-    return None, one_chunk(unembedding, hidden_CxD, labels_C)
+    hidden_CxD, labels_C, needed = inputs
+    return None, one_chunk(unembedding, hidden_CxD, labels_C, needed)
 
   _, logps_KxC = jax.lax.scan(
       body, None,
       (hidden_NxD.reshape(n_chunks, chunk_size, d),
-       labels_N.reshape(n_chunks, chunk_size)))
+       labels_N.reshape(n_chunks, chunk_size), needed_K))
   return logps_KxC.reshape(-1)[: b * t].reshape(b, t)
 
 
@@ -189,7 +201,8 @@ def chunked_sequence_logps(hidden, unembedding, labels, loss_mask, *,
   """
   logps_BxT = chunked_token_logps(hidden, unembedding, labels,
                                   chunk_size=chunk_size,
-                                  vocab_chunk_size=vocab_chunk_size)
+                                  vocab_chunk_size=vocab_chunk_size,
+                                  mask=loss_mask)
   return _reduce_sequence(logps_BxT, loss_mask, average)
 
 

@@ -48,7 +48,8 @@ class StepConfig:
   b1: float = 3.0  # BFPO labeling scale
   label_smoothing: float = 0.0  # DPO only
   average_logps: bool = False  # length-average the log-probs (IPO paper)
-  chunk_size: int = 1024  # tokens per chunk of the log-prob computation
+  chunk_size: int = 256  # tokens per log-prob chunk; all-prompt/padding
+  # chunks skip the unembedding, so smaller chunks skip more
   vocab_chunk_size: int | None = None  # also stream the vocabulary
   accumulation_steps: int = 1  # microbatches per step
   buffer_weight: float = 0.0  # weight of the SFT buffer term; 0 = off
@@ -111,7 +112,7 @@ def sequence_logps(model_cfg, step_cfg, params, input_ids, attention_mask,
                 vocab_chunk_size=step_cfg.vocab_chunk_size)
   if per_token:
     return losses.chunked_token_logps(hidden[:, :-1], w, input_ids[:, 1:],
-                                      **kwargs)
+                                      mask=loss_mask[:, 1:], **kwargs)
   return losses.chunked_sequence_logps(hidden[:, :-1], w, input_ids[:, 1:],
                                        loss_mask[:, 1:],
                                        average=step_cfg.average_logps, **kwargs)

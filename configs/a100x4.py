@@ -44,7 +44,7 @@ def get_config(stage="bfpo"):
   c.optimizer.warmup_ratio = 0.1
   c.num_epochs = 1
   c.loss.beta, c.loss.alpha, c.loss.b1 = 0.01, 0.5, 3.0
-  c.loss.chunk_size = 2048
+  c.loss.chunk_size = 512
   c.checkpoint_every_steps = 200
   c.eval_every_steps = 200
   return c

@@ -271,3 +271,24 @@ def test_chunked_bf16_hidden_matches_float32_reference():
   ref = losses.sequence_logps(
       np.asarray(h16, np.float32) @ np.asarray(w16, np.float32), labels, mask)
   np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-3)
+
+
+def test_chunks_outside_the_mask_are_skipped_but_results_equal():
+  hidden, w, labels, _ = _random_lm_batch(6, b=4, t=16)
+  mask = np.zeros((4, 16), bool)
+  mask[:, 8:] = True  # first half of every row is "prompt"
+  mask[3] = False  # a fully padded row
+  full = losses.sequence_logps(hidden @ w, labels, mask)
+  chunked = losses.chunked_sequence_logps(hidden, w, labels, mask, chunk_size=8)
+  np.testing.assert_allclose(chunked, full, rtol=1e-5, atol=1e-5)
+  grad = jax.grad(lambda h: jnp.sum(losses.chunked_sequence_logps(
+      h, w, labels, mask, chunk_size=8)))(hidden)
+  grad_full = jax.grad(lambda h: jnp.sum(losses.sequence_logps(
+      h @ w, labels, mask)))(hidden)
+  np.testing.assert_allclose(grad, grad_full, atol=1e-5)
+  # The skipped chunks really take the no-op branch: their per-token
+  # log-probs are exactly zero although the labels there are real.
+  per_token = losses.chunked_token_logps(hidden, w, labels, chunk_size=8,
+                                         mask=mask)
+  assert (np.asarray(per_token)[:, :8] == 0).all()
+  assert (np.asarray(per_token)[:3, 8:] < 0).all()
