@@ -34,7 +34,7 @@ import time
 
 SHAPE = dict(vocab_size=32000, hidden_size=256, intermediate_size=768,
              num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
-             pairs=4, seq_len=256, prompt_len=64)
+             pairs=4, seq_len=256, prompt_len=64, chunk_size=256)
 
 
 def _batch(shape, seed=0):
@@ -72,7 +72,7 @@ def time_jax(shape, warmup, reps, profile_dir=None):
   cfg = MistralConfig(**_model_fields(shape), sliding_window=None,
                       tie_word_embeddings=False)
   step_cfg = ts.StepConfig(stage="bfpo", beta=0.01, mode="selective",
-                           chunk_size=1024)
+                           chunk_size=shape["chunk_size"])
   optimizer = optax.adamw(5e-7)
   state, _ = ts.create_state(init_params(cfg, jax.random.key(0)), optimizer,
                              step_cfg, cfg)
