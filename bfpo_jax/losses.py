@@ -272,6 +272,16 @@ def _implicit_rewards(policy_chosen_logps, policy_rejected_logps,
   return logits, beta * chosen_logratios, beta * rejected_logratios
 
 
+def _pair_loss(per_pair, chosen_rewards, rejected_rewards, weights,
+               chosen_is_safe, rejected_is_safe):
+  """Weighted mean of per-pair losses, with the reward metrics."""
+  loss = _weighted_mean(per_pair, weights)
+  metrics = preference_metrics(chosen_rewards, rejected_rewards, weights,
+                               chosen_is_safe, rejected_is_safe)
+  metrics["loss"] = loss
+  return loss, metrics
+
+
 def bfpo_target(chosen_is_safe, rejected_is_safe, *, beta=0.01, alpha=0.5,
                 b1=3.0):
   """BFPO labeling function divided by beta (paper eq. 9, Sec. 3.3).
@@ -333,12 +343,9 @@ def bfpo_loss(policy_chosen_logps, policy_rejected_logps,
       reference_rejected_logps, beta)
   target = bfpo_target(chosen_is_safe, rejected_is_safe, beta=beta,
                        alpha=alpha, b1=b1)
-  weights = _as_weights(weights, logits)
-  loss = _weighted_mean(jnp.square(logits - target), weights)
-  metrics = preference_metrics(chosen_rewards, rejected_rewards, weights,
-                               chosen_is_safe, rejected_is_safe)
-  metrics["loss"] = loss
-  return loss, metrics
+  return _pair_loss(jnp.square(logits - target), chosen_rewards,
+                    rejected_rewards, _as_weights(weights, logits),
+                    chosen_is_safe, rejected_is_safe)
 
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps,
@@ -368,12 +375,9 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps,
       reference_rejected_logps, beta)
   per_pair = (-(1.0 - label_smoothing) * jax.nn.log_sigmoid(beta * logits)
               - label_smoothing * jax.nn.log_sigmoid(-beta * logits))
-  weights = _as_weights(weights, logits)
-  loss = _weighted_mean(per_pair, weights)
-  metrics = preference_metrics(chosen_rewards, rejected_rewards, weights,
-                               chosen_is_safe, rejected_is_safe)
-  metrics["loss"] = loss
-  return loss, metrics
+  return _pair_loss(per_pair, chosen_rewards, rejected_rewards,
+                    _as_weights(weights, logits), chosen_is_safe,
+                    rejected_is_safe)
 
 
 def ipo_loss(policy_chosen_logps, policy_rejected_logps,
@@ -397,12 +401,9 @@ def ipo_loss(policy_chosen_logps, policy_rejected_logps,
   logits, chosen_rewards, rejected_rewards = _implicit_rewards(
       policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
       reference_rejected_logps, beta)
-  weights = _as_weights(weights, logits)
-  loss = _weighted_mean(jnp.square(logits - 1.0 / (2.0 * beta)), weights)
-  metrics = preference_metrics(chosen_rewards, rejected_rewards, weights,
-                               chosen_is_safe, rejected_is_safe)
-  metrics["loss"] = loss
-  return loss, metrics
+  return _pair_loss(jnp.square(logits - 1.0 / (2.0 * beta)), chosen_rewards,
+                    rejected_rewards, _as_weights(weights, logits),
+                    chosen_is_safe, rejected_is_safe)
 
 
 # --------------------------------------------------------------------------- #
