@@ -4,7 +4,8 @@
         --workdir gs://BUCKET/runs/bfpo_7b --config.init_from=gs-fuse-path
 
 FSDP over all 16 chips (32 GiB HBM each); global batch 32 = 2 x 1 x 16.
-Memory per chip (python -m bfpo_jax.sharding --mesh fsdp=16): ~6 GiB.
+Memory per chip (python -m bfpo_jax.sharding --mesh fsdp=16): 4.85 GiB
+estimated.
 """
 
 from configs import a100x4
