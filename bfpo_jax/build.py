@@ -127,6 +127,8 @@ def load_data(config, tokenizer, num_devices) -> RunData:
   split = [_split_eval(ex, d.eval_fraction, config.seed + i)
            for i, ex in enumerate(examples)]
   train = [s[0] for s in split]
+  if task == "sft" and d.pack_sft:
+    train = [pipeline.pack_sft(ex, d.max_length, config.seed) for ex in train]
   held_out = [e for s in split for e in s[1]]
   for spec, (tr, ev) in zip(specs, split):
     report[spec.name].update(train=len(tr), eval=len(ev))

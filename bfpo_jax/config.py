@@ -55,6 +55,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.max_length = 1024
   c.data.buckets = (1024,)  # padded lengths (fewer recompiles than per batch)
   c.data.num_workers = 0  # tokenization processes
+  c.data.pack_sft = False  # pack SFT examples into rows of max_length
   c.data.revision = ""  # pin hub datasets to a revision
 
   c.batch = ml_collections.ConfigDict()

@@ -13,7 +13,8 @@ Batch layout (leading axis = global batch; B pairs or sequences):
   ``rejected_is_safe`` [B]; optional ``weight`` [B] (0 for padding pairs);
   with ``precomputed_reference``, ``reference_chosen_logps`` and
   ``reference_rejected_logps`` [B].
-* ``sft``: ``input_ids``, ``attention_mask``, ``loss_mask`` [B, T].
+* ``sft``: ``input_ids``, ``attention_mask``, ``loss_mask`` [B, T]; optional
+  ``segment_ids`` [B, T] for packed rows (see ``data.pipeline.pack_sft``).
 * optional ``buffer``: an SFT batch whose loss is added with ``buffer_weight``.
 
 ``loss_mask[b, t]`` marks tokens whose probability counts (the response):
@@ -104,9 +105,10 @@ def reference_params(state: TrainState, step_cfg: StepConfig):
 
 
 def sequence_logps(model_cfg, step_cfg, params, input_ids, attention_mask,
-                   loss_mask, *, per_token=False):
+                   loss_mask, *, per_token=False, segment_ids=None):
   """[B] response log-probs (or [B, T-1] per token) via the chunked path."""
-  hidden = apply_hidden(model_cfg, params, input_ids, attention_mask)
+  hidden = apply_hidden(model_cfg, params, input_ids, attention_mask,
+                        segment_ids=segment_ids)
   w = unembedding(model_cfg, params).astype(model_cfg.dtype)
   kwargs = dict(chunk_size=step_cfg.chunk_size,
                 vocab_chunk_size=step_cfg.vocab_chunk_size)
@@ -148,7 +150,8 @@ def _denominators(batch, step_cfg):
 def _sft_term(model_cfg, step_cfg, params, batch):
   token_logps = sequence_logps(model_cfg, step_cfg, params, batch["input_ids"],
                                batch["attention_mask"], batch["loss_mask"],
-                               per_token=True)
+                               per_token=True,
+                               segment_ids=batch.get("segment_ids"))
   return losses.sft_loss_from_token_logps(token_logps, batch["loss_mask"][:, 1:])
 
 

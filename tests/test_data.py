@@ -298,3 +298,21 @@ def test_buffer_stream_rides_along(tok, pref_examples):
   np.testing.assert_array_equal(batch["buffer"]["input_ids"],
                                 buffer[3]["input_ids"])
   assert batch["chosen_input_ids"].shape[0] == 4
+
+
+def test_pack_sft_keeps_every_example_once(tok):
+  examples, _ = pipeline.prepare([_spec("ultrachat", "ultrachat")], tok,
+                                 task="sft", max_length=256)
+  rows = pipeline.pack_sft(examples[0], 256, seed=0)
+  assert len(rows) < len(examples[0])
+  assert all(len(r["input_ids"]) <= 256 for r in rows)
+  pieces = []
+  for r in rows:
+    seg = np.asarray(r["segment_ids"])
+    assert seg[0] == 1 and (np.diff(seg) >= 0).all()
+    ids = np.asarray(r["input_ids"])
+    pieces += [tuple(ids[seg == s]) for s in np.unique(seg)]
+  assert sorted(pieces) == sorted(tuple(e["input_ids"]) for e in examples[0])
+  batch = pipeline.collate_sft(rows[:2], buckets=(256,), pad_id=0)
+  np.testing.assert_array_equal(batch["attention_mask"],
+                                batch["segment_ids"] > 0)

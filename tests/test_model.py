@@ -281,3 +281,23 @@ def test_bundled_mistral_tokenizer_offline():
                                    .input_ids) == ["▁Hello"]
   with pytest.raises(FileNotFoundError):
     tokenizer.load_tokenizer("/nonexistent/folder")
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_packed_rows_equal_separate_sequences(window):
+  cfg = M.MistralConfig.tiny(vocab_size=VOCAB, sliding_window=window)
+  params = M.init_params(cfg, jax.random.key(5))
+  rng = np.random.default_rng(13)
+  a, b = rng.integers(3, VOCAB, 5), rng.integers(3, VOCAB, 7)
+  ids = np.zeros((1, 16), np.int32)
+  ids[0, :12] = np.concatenate([a, b])
+  segments = np.zeros((1, 16), np.int32)
+  segments[0, :5], segments[0, 5:12] = 1, 2
+  packed = np.asarray(M.apply(cfg, params, ids, segment_ids=segments))[0]
+  np.testing.assert_allclose(packed[:5], M.apply(cfg, params, a[None])[0],
+                             atol=1e-5)
+  np.testing.assert_allclose(packed[5:12], M.apply(cfg, params, b[None])[0],
+                             atol=1e-5)
+  np.testing.assert_array_equal(
+      M.mistral.segment_positions(jnp.asarray(segments))[0, :12],
+      list(range(5)) + list(range(7)))

@@ -193,3 +193,21 @@ def test_mask_errors():
     trainable.trainable_mask(_params(), "half")
   with pytest.raises(ValueError, match="non-matrix"):
     trainable.trainable_mask(_params(), "lora", r"norm")
+
+
+def test_packed_sft_loss_equals_unpacked():
+  from bfpo_jax.data import pipeline
+
+  batch = helpers.sft_batch(8, rows=4, length=12)
+  examples = [{"input_ids": list(ids[att]), "loss_mask": list(loss[att])}
+              for ids, att, loss in zip(batch["input_ids"],
+                                        batch["attention_mask"],
+                                        batch["loss_mask"])]
+  packed = pipeline.collate_sft(pipeline.pack_sft(examples, 24), buckets=(24,),
+                                pad_id=0)
+  assert packed["input_ids"].shape[0] < 4
+  step_cfg = ts.StepConfig(stage="sft", chunk_size=8)
+  state, _ = ts.create_state(_params(), optax.sgd(0.0), step_cfg, CFG)
+  eval_fn = ts.build_eval_step(CFG, step_cfg)
+  np.testing.assert_allclose(eval_fn(state, packed)["loss"],
+                             eval_fn(state, batch)["loss"], rtol=1e-5)

@@ -145,13 +145,41 @@ def collate_pairs(examples, *, buckets, pad_id):
 
 
 def collate_sft(examples, *, buckets, pad_id):
-  """SFT examples -> ``input_ids``, ``attention_mask``, ``loss_mask``."""
+  """SFT examples -> ``input_ids``, ``attention_mask``, ``loss_mask`` (and
+  ``segment_ids`` for packed rows)."""
   length = bucket_length(max(len(e["input_ids"]) for e in examples), buckets)
   ids, attention = _pad([e["input_ids"] for e in examples], length, pad_id)
   loss = np.zeros_like(attention)
   for i, e in enumerate(examples):
     loss[i, : len(e["loss_mask"])] = e["loss_mask"]
-  return {"input_ids": ids, "attention_mask": attention, "loss_mask": loss}
+  batch = {"input_ids": ids, "attention_mask": attention, "loss_mask": loss}
+  if "segment_ids" in examples[0]:
+    segments = np.zeros(ids.shape, np.int32)
+    for i, e in enumerate(examples):
+      segments[i, : len(e["segment_ids"])] = e["segment_ids"]
+    batch["segment_ids"] = segments
+  return batch
+
+
+def pack_sft(examples, max_length, seed=0):
+  """Packs SFT examples into rows of at most ``max_length`` tokens.
+
+  Examples are taken in a seeded random order and appended to the current
+  row while they fit (each example stays whole). Rows carry ``segment_ids``
+  (1, 2, ...) so attention stays within each example and positions restart.
+  """
+  rows, current = [], None
+  for i in np.random.default_rng(seed).permutation(len(examples)):
+    e = examples[i]
+    n = len(e["input_ids"])
+    if current is None or len(current["input_ids"]) + n > max_length:
+      current = {"input_ids": [], "loss_mask": [], "segment_ids": []}
+      rows.append(current)
+    segment = (current["segment_ids"][-1] + 1) if current["segment_ids"] else 1
+    current["input_ids"] += list(e["input_ids"])
+    current["loss_mask"] += list(e["loss_mask"])
+    current["segment_ids"] += [segment] * n
+  return rows
 
 
 # --------------------------------------------------------------------------- #

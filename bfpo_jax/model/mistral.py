@@ -70,17 +70,23 @@ def rope(x_BxTxNxH, positions_BxT, theta):
   return out.astype(x_BxTxNxH.dtype)
 
 
-def attention_mask(key_valid_BxS, query_index_T, sliding_window):
+def attention_mask(key_valid_BxS, query_index_T, sliding_window,
+                   segment_ids_BxT=None):
   """Boolean [B, 1, T, S]: causal, within the window, and not padding.
 
   Indices are positions in the (padded) buffer, as in transformers: a query
-  at index i sees keys j with ``i - window < j <= i``.
+  at index i sees keys j with ``i - window < j <= i``. With packed rows
+  (``segment_ids``, no cache), a query sees only keys of its own segment.
   """
   key_index_S = jnp.arange(key_valid_BxS.shape[1])
   allowed_TxS = key_index_S[None, :] <= query_index_T[:, None]
   if sliding_window is not None:
     allowed_TxS &= key_index_S[None, :] > query_index_T[:, None] - sliding_window
-  return allowed_TxS[None, None] & key_valid_BxS[:, None, None, :]
+  mask = allowed_TxS[None, None] & key_valid_BxS[:, None, None, :]
+  if segment_ids_BxT is not None:
+    mask &= (segment_ids_BxT[:, None, :, None]
+             == segment_ids_BxT[:, None, None, :])
+  return mask
 
 
 class Attention(nnx.Module):
@@ -96,7 +102,7 @@ class Attention(nnx.Module):
     self.o_proj = Dense(cfg, n * h, d, ("q_heads", "embed"), rngs)
 
   def __call__(self, x_BxTxD, positions_BxT, key_valid_BxS, query_index_T,
-               cache=None):
+               cache=None, segment_ids=None):
     cfg = self.cfg
     b, t, _ = x_BxTxD.shape
     n, k, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.dim_per_head
@@ -116,7 +122,7 @@ class Attention(nnx.Module):
       keys, values = k_BxTxKxH, v_BxTxKxH
     keys, values = keys.astype(cfg.dtype), values.astype(cfg.dtype)
 
-    if cfg.attention_impl == "cudnn" and cache is None:
+    if cfg.attention_impl == "cudnn" and cache is None and segment_ids is None:
       # cuDNN flash attention: causal + window in-kernel; padding must be on
       # the right, expressed as sequence lengths.
       lengths_B = jnp.sum(key_valid_BxS, axis=-1, dtype=jnp.int32)
@@ -127,7 +133,8 @@ class Attention(nnx.Module):
           query_seq_lengths=lengths_B, key_value_seq_lengths=lengths_B,
           implementation="cudnn")
     else:
-      mask = attention_mask(key_valid_BxS, query_index_T, cfg.sliding_window)
+      mask = attention_mask(key_valid_BxS, query_index_T, cfg.sliding_window,
+                            segment_ids)
       out_BxTxNxH = jax.nn.dot_product_attention(
           q_BxTxNxH, keys, values, mask=mask, implementation="xla")
     return self.o_proj(out_BxTxNxH.reshape(b, t, n * h)), cache
@@ -155,15 +162,17 @@ class Block(nnx.Module):
     self.post_attention_layernorm = RMSNorm(cfg, rngs)
     self.mlp = MLP(cfg, rngs)
 
-  def __call__(self, x, positions, key_valid, query_index, cache=None):
+  def __call__(self, x, positions, key_valid, query_index, cache=None,
+               segment_ids=None):
     attn, cache = self.self_attn(self.input_layernorm(x), positions, key_valid,
-                                 query_index, cache)
+                                 query_index, cache, segment_ids)
     x = x + attn
     return x + self.mlp(self.post_attention_layernorm(x)), cache
 
 
-def _run_block(block, x, positions, key_valid, query_index, cache):
-  return block(x, positions, key_valid, query_index, cache)
+def _run_block(block, x, positions, key_valid, query_index, cache,
+               segment_ids):
+  return block(x, positions, key_valid, query_index, cache, segment_ids)
 
 
 class Mistral(nnx.Module):
@@ -182,7 +191,7 @@ class Mistral(nnx.Module):
                            ("embed", "vocab"), rngs)
 
   def __call__(self, input_ids_BxT, positions_BxT, key_valid_BxS,
-               query_index_T, caches=None):
+               query_index_T, caches=None, segment_ids_BxT=None):
     x = jnp.take(self.embed_tokens.embedding[...], input_ids_BxT, axis=0)
     x = x.astype(self.cfg.dtype)
     run = (nnx.remat(_run_block, prevent_cse=True) if self.cfg.remat
@@ -190,7 +199,7 @@ class Mistral(nnx.Module):
     new_caches = []
     for i, block in enumerate(self.layers):
       x, cache = run(block, x, positions_BxT, key_valid_BxS, query_index_T,
-                     None if caches is None else caches[i])
+                     None if caches is None else caches[i], segment_ids_BxT)
       new_caches.append(cache)
     return self.norm(x), (None if caches is None else new_caches)
 
@@ -259,16 +268,30 @@ def default_positions(attention_mask_BxT):
                      0)
 
 
-def _prepare(input_ids, attention_mask, positions):
+def segment_positions(segment_ids_BxT):
+  """Position ids that restart at 0 where each packed segment starts."""
+  index_T = jnp.arange(segment_ids_BxT.shape[1])
+  starts = jnp.concatenate(
+      [jnp.ones_like(segment_ids_BxT[:, :1], bool),
+       segment_ids_BxT[:, 1:] != segment_ids_BxT[:, :-1]], axis=1)
+  start_BxT = jax.lax.cummax(jnp.where(starts, index_T, 0), axis=1)
+  return index_T - start_BxT
+
+
+def _prepare(input_ids, attention_mask, positions, segment_ids):
+  if segment_ids is not None and attention_mask is None:
+    attention_mask = segment_ids > 0
   if attention_mask is None:
     attention_mask = jnp.ones(input_ids.shape, bool)
   attention_mask = attention_mask.astype(bool)
   if positions is None:
-    positions = default_positions(attention_mask)
+    positions = (default_positions(attention_mask) if segment_ids is None
+                 else segment_positions(segment_ids))
   return attention_mask, positions
 
 
-def apply_hidden(cfg, params, input_ids, attention_mask=None, positions=None):
+def apply_hidden(cfg, params, input_ids, attention_mask=None, positions=None,
+                 segment_ids=None):
   """Final hidden states [B, T, D] (after the last RMSNorm).
 
   Args:
@@ -279,14 +302,19 @@ def apply_hidden(cfg, params, input_ids, attention_mask=None, positions=None):
       padding both work).
     positions: optional [B, T] position ids; by default counted over the real
       tokens of each row, so left padding does not shift RoPE.
+    segment_ids: optional [B, T] ids of sequences packed into one row (0 =
+      padding): tokens attend only within their segment, and default
+      positions restart at each segment.
 
   Returns:
     [B, T, D] hidden states in ``cfg.dtype``; multiply by :func:`unembedding`
     (or use ``losses.chunked_sequence_logps``) for log-probs.
   """
-  attention_mask, positions = _prepare(input_ids, attention_mask, positions)
+  attention_mask, positions = _prepare(input_ids, attention_mask, positions,
+                                       segment_ids)
   hidden, _ = bind(cfg, params)(input_ids, positions, attention_mask,
-                                jnp.arange(input_ids.shape[1]))
+                                jnp.arange(input_ids.shape[1]),
+                                segment_ids_BxT=segment_ids)
   return hidden
 
 
@@ -297,8 +325,10 @@ def unembedding(cfg, params):
   return params["lm_head"]["kernel"]
 
 
-def apply(cfg, params, input_ids, attention_mask=None, positions=None):
+def apply(cfg, params, input_ids, attention_mask=None, positions=None,
+          segment_ids=None):
   """Next-token logits [B, T, V] in float32; see :func:`apply_hidden`."""
-  hidden = apply_hidden(cfg, params, input_ids, attention_mask, positions)
+  hidden = apply_hidden(cfg, params, input_ids, attention_mask, positions,
+                        segment_ids)
   w = unembedding(cfg, params).astype(cfg.dtype)
   return jnp.dot(hidden, w, preferred_element_type=jnp.float32)
