@@ -70,6 +70,12 @@ class Checkpointer:
                            opt_state=items["opt_state"])
     return state, restored["meta"]
 
+  def fingerprint(self) -> dict:
+    """The ``fingerprint`` stored with the latest checkpoint ({} if none)."""
+    restored = self.manager.restore(self.latest_step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore()))
+    return restored["meta"].get("fingerprint", {})
+
   def wait(self):
     self.manager.wait_until_finished()
 

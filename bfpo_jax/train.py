@@ -116,6 +116,14 @@ def _summary(config, mesh, model_cfg, state, data, steps, memory):
   return "\n".join(lines)
 
 
+def resume_fingerprint(config) -> dict:
+  """Config fields that a checkpoint's state and data position depend on."""
+  return {"stage": config.stage, "model": build.model_source(config) or
+          config.model.preset, "trainable": config.trainable.to_dict(),
+          "data": list(config.data.sources), "seed": config.seed,
+          "global_batch": config.batch.global_size}
+
+
 def evaluate(eval_fn, state, data, mesh):
   """Metrics over all held-out batches, weighted as one big batch."""
   if not data.eval_batches:
@@ -171,8 +179,15 @@ def run(config, workdir: str) -> dict:
                       keep=config.keep_checkpoints)
   iterator = iter(data.train.to_iter_dataset())
   counters = {"nonfinite_total": 0, "nonfinite_in_a_row": 0}
+  fingerprint = resume_fingerprint(config)
   resumed = ckpt.latest_step
   if resumed is not None:
+    saved = ckpt.fingerprint()
+    changed = sorted(k for k in fingerprint if saved.get(k) != fingerprint[k])
+    if changed:
+      raise ConfigError(
+          f"{workdir} holds checkpoints of a different run ({', '.join(changed)} "
+          "changed); use a new --workdir or the original config")
     state, meta = ckpt.restore(state)
     iterator.set_state(meta["data_iterator"])
     counters.update(meta["counters"])
@@ -204,7 +219,8 @@ def run(config, workdir: str) -> dict:
               for s in (signal.SIGTERM, signal.SIGINT)}
 
   def meta():
-    return {"data_iterator": iterator.get_state(), "counters": dict(counters)}
+    return {"data_iterator": iterator.get_state(), "counters": dict(counters),
+            "fingerprint": fingerprint}
 
   clock = {"last": time.perf_counter()}
 

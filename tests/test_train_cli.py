@@ -198,3 +198,14 @@ def test_nonfinite_losses_stop_the_run_with_a_checkpoint(tmp_path):
   assert os.listdir(os.path.join(workdir, "checkpoints"))
   skipped = [m for m in _metrics(workdir) if m.get("nonfinite") == 1.0]
   assert len(skipped) == 2
+
+
+@pytest.mark.slow
+def test_resume_with_a_different_config_is_refused(tmp_path):
+  workdir = str(tmp_path / "run")
+  flags = [*FAST, "--config.max_steps=2", "--config.export_hf=False"]
+  assert _cli(workdir, *flags).returncode == 0
+  proc = _cli(workdir, *flags, "--config.trainable.mode=selective")
+  assert proc.returncode == 2
+  last = proc.stderr.strip().splitlines()[-1]
+  assert "holds checkpoints of a different run (trainable changed)" in last
