@@ -7,6 +7,7 @@ same pieces and call the step themselves.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 import jax
@@ -22,7 +23,7 @@ from bfpo_jax.model.hf_io import load_config, load_hf
 from bfpo_jax.model.mistral import init_params
 from bfpo_jax.model.tokenizer import load_tokenizer
 from bfpo_jax.optimizer import make_optimizer
-from bfpo_jax.train_step import StepConfig
+from bfpo_jax.train_step import StepConfig, pair_logps
 
 EXPORT_DIR = "hf_export"
 
@@ -71,7 +72,8 @@ def step_config(config) -> StepConfig:
       chunk_size=config.loss.chunk_size,
       accumulation_steps=config.batch.accumulation,
       buffer_weight=config.data.buffer_weight, mode=t.mode,
-      lora_scale=t.lora_alpha / t.lora_rank)
+      lora_scale=t.lora_alpha / t.lora_rank,
+      precomputed_reference=config.loss.precompute_reference)
 
 
 @dataclasses.dataclass
@@ -116,7 +118,20 @@ def _local_rows(batch, index, count):
                                   (index + 1) * len(x) // count], batch)
 
 
-def load_data(config, tokenizer, num_devices) -> RunData:
+@dataclasses.dataclass
+class Examples:
+  """Validated, tokenized examples of a run, before batching."""
+
+  task: str
+  train: list  # one list of examples per source
+  held_out: list  # eval examples of all sources
+  buffer: list  # buffer-stream SFT examples per source ([] if none)
+  report: dict
+  pad_id: int
+
+
+def load_examples(config, tokenizer) -> Examples:
+  """Reads, validates and tokenizes the run's data; splits off eval."""
   task = "sft" if config.stage == "sft" else "preference"
   d = config.data
   specs = [SourceSpec.parse(s, task=task, limit=d.limit_per_source or None,
@@ -129,43 +144,98 @@ def load_data(config, tokenizer, num_devices) -> RunData:
   train = [s[0] for s in split]
   if task == "sft" and d.pack_sft:
     train = [pipeline.pack_sft(ex, d.max_length, config.seed) for ex in train]
-  held_out = [e for s in split for e in s[1]]
   for spec, (tr, ev) in zip(specs, split):
     report[spec.name].update(train=len(tr), eval=len(ev))
   n_train = sum(map(len, train))
   if n_train < config.batch.global_size:
     raise ConfigError(f"data: {n_train} training examples are fewer than "
                       f"batch.global_size ({config.batch.global_size})")
-  pad_id = tokenizer.pad_token_id
-  pad_id = tokenizer.eos_token_id if pad_id is None else pad_id
-  p, n = jax.process_index(), jax.process_count()
-  ds = pipeline.batches(train, task=task, global_batch=config.batch.global_size,
-                        seed=config.seed, mixture=d.mixture,
-                        weights=list(d.weights) or None, buckets=list(d.buckets),
-                        pad_id=pad_id, process_index=p, process_count=n)
+  buffer = []
   if d.buffer_sources:
     buffer_specs = [SourceSpec.parse(s, task="sft") for s in d.buffer_sources]
-    buffer_examples, buffer_report = pipeline.prepare(
-        buffer_specs, tokenizer, task="sft", **kwargs)
+    buffer, buffer_report = pipeline.prepare(buffer_specs, tokenizer,
+                                             task="sft", **kwargs)
     report.update({f"buffer:{k}": v for k, v in buffer_report.items()})
+  pad_id = tokenizer.pad_token_id
+  return Examples(task=task, train=train,
+                  held_out=[e for s in split for e in s[1]], buffer=buffer,
+                  report=report,
+                  pad_id=tokenizer.eos_token_id if pad_id is None else pad_id)
+
+
+def make_data(config, examples: Examples, num_devices) -> RunData:
+  """This process's endless training batches and the fixed eval batches."""
+  d, task, pad_id = config.data, examples.task, examples.pad_id
+  p, n = jax.process_index(), jax.process_count()
+  ds = pipeline.batches(examples.train, task=task,
+                        global_batch=config.batch.global_size, seed=config.seed,
+                        mixture=d.mixture, weights=list(d.weights) or None,
+                        buckets=list(d.buckets), pad_id=pad_id,
+                        process_index=p, process_count=n)
+  if examples.buffer:
     ds = pipeline.with_buffer(ds, pipeline.batches(
-        buffer_examples, task="sft", global_batch=config.batch.global_size,
+        examples.buffer, task="sft", global_batch=config.batch.global_size,
         seed=config.seed + 1, buckets=list(d.buckets), pad_id=pad_id,
         process_index=p, process_count=n))
   eval_size = config.batch.per_device * data_parallel_size(config, num_devices)
-  eval_batches, shares = _eval_batches(held_out, task, eval_size,
+  eval_batches, shares = _eval_batches(examples.held_out, task, eval_size,
                                        list(d.buckets), pad_id)
+  n_train = sum(map(len, examples.train))
   return RunData(train=ds, eval_batches=[_local_rows(b, p, n)
                                          for b in eval_batches],
                  eval_shares=shares,
                  steps_per_epoch=n_train // config.batch.global_size,
-                 report=report, pad_id=pad_id)
+                 report=examples.report, pad_id=pad_id)
 
 
-def total_steps(config, data: RunData) -> int:
+def total_steps(config, examples: Examples) -> int:
   if config.max_steps > 0:
     return config.max_steps
-  return max(1, config.num_epochs * data.steps_per_epoch)
+  per_epoch = sum(map(len, examples.train)) // config.batch.global_size
+  return max(1, config.num_epochs * per_epoch)
+
+
+def attach_reference_logps(config, model_cfg, step_cfg, params, examples,
+                           mesh, cache_path):
+  """Computes the reference log-probs of every pair once and stores them in
+  the examples (``reference_chosen_logps``/``reference_rejected_logps``).
+
+  ``params`` are the initial params, i.e. the reference in every trainable
+  mode. Results are cached in ``cache_path`` under a key of the model source,
+  data, lengths and seed, so a resumed run does not recompute them.
+
+  Returns:
+    True if the cache was used.
+  """
+  pairs = [e for source in examples.train for e in source] + examples.held_out
+  key = json.dumps({"model": model_source(config) or config.model.preset,
+                    "seed": config.seed, "data": config.data.to_dict(),
+                    "average_logps": config.loss.average_logps,
+                    "dtype": config.model.dtype, "pairs": len(pairs)},
+                   sort_keys=True)
+  cached, from_cache = None, False
+  if os.path.exists(cache_path):
+    with np.load(cache_path) as f:
+      if str(f["key"]) == key:
+        cached, from_cache = (f["chosen"], f["rejected"]), True
+  if cached is None:
+    size = config.batch.per_device * data_parallel_size(config,
+                                                        jax.device_count())
+    fn = jax.jit(lambda p, b: pair_logps(model_cfg, step_cfg, p, b),
+                 out_shardings=sharding.replicated(mesh))
+    batches, _ = _eval_batches(pairs, "preference", size,
+                               list(config.data.buckets), examples.pad_id)
+    p, n = jax.process_index(), jax.process_count()
+    outs = [jax.device_get(fn(params, global_batch(_local_rows(b, p, n), mesh)))
+            for b in batches]
+    cached = tuple(np.concatenate([o[i] for o in outs])[: len(pairs)]
+                   for i in (0, 1))
+    if jax.process_index() == 0:
+      np.savez(cache_path, key=key, chosen=cached[0], rejected=cached[1])
+  for e, chosen, rejected in zip(pairs, *cached):
+    e["reference_chosen_logps"] = float(chosen)
+    e["reference_rejected_logps"] = float(rejected)
+  return from_cache
 
 
 def optimizer_for(config, steps: int):

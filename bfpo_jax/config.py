@@ -79,6 +79,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.loss.b1 = 3.0
   c.loss.label_smoothing = 0.0  # dpo
   c.loss.average_logps = False  # sum over response tokens, as the paper
+  c.loss.precompute_reference = False  # reference log-probs once, up front
   c.loss.chunk_size = 256  # tokens per log-prob chunk (prompt/pad chunks skipped)
 
   c.mesh = ml_collections.ConfigDict()
@@ -144,5 +145,8 @@ def validate(config, num_devices: int) -> None:
                       f"must cover data.max_length ({config.data.max_length})")
   if config.max_steps <= 0 and config.num_epochs <= 0:
     raise ConfigError("num_epochs or max_steps must be positive")
+  if config.loss.precompute_reference and config.stage == "sft":
+    raise ConfigError("loss.precompute_reference: the sft stage has no "
+                      "reference policy")
   if config.data.buffer_weight and not config.data.buffer_sources:
     raise ConfigError("data.buffer_weight > 0 needs data.buffer_sources")

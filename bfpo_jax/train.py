@@ -157,17 +157,25 @@ def run(config, workdir: str) -> dict:
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp,
                             config.mesh.tensor)
   tokenizer = build.tokenizer_for(config)
-  data = build.load_data(config, tokenizer, jax.device_count())
+  examples = build.load_examples(config, tokenizer)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "data_report.json"), "w") as f:
-      json.dump(data.report, f, indent=2)
+      json.dump(examples.report, f, indent=2)
   model_cfg, params = build.load_model(config, mesh)
   if len(tokenizer) > model_cfg.vocab_size:
     raise ConfigError(f"tokenizer: {len(tokenizer)} tokens exceed the model's "
                       f"vocab_size {model_cfg.vocab_size}")
-  steps = build.total_steps(config, data)
+  steps = build.total_steps(config, examples)
   optimizer = build.optimizer_for(config, steps)
   step_cfg = build.step_config(config)
+  reference_note = ""
+  if step_cfg.precomputed_reference:
+    from_cache = build.attach_reference_logps(
+        config, model_cfg, step_cfg, params, examples, mesh,
+        os.path.join(workdir, "reference_logps.npz"))
+    reference_note = ("reference log-probs: "
+                      + ("from cache" if from_cache else "precomputed"))
+  data = build.make_data(config, examples, jax.device_count())
   state, shardings = ts.create_state(
       params, optimizer, step_cfg, model_cfg, pattern=config.trainable.pattern or None,
       lora_rank=config.trainable.lora_rank, rng=jax.random.key(config.seed),
@@ -207,6 +215,8 @@ def run(config, workdir: str) -> dict:
       chunk_size=config.loss.chunk_size)
   log = Logger(workdir, config.stage, steps, start, resumed)
   log.info(_summary(config, mesh, model_cfg, state, data, steps, memory))
+  if reference_note:
+    log.info(reference_note)
   if resumed is not None:
     log.info(f"resumed from checkpoint at step {resumed}")
 

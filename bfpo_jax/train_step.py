@@ -86,7 +86,8 @@ def init_state(params, mask, optimizer, step_cfg: StepConfig, *, lora_rank=16,
     frozen, reference = params, None
   else:
     trainable, frozen = split(params, mask)
-    reference = trainable
+    # With precomputed reference log-probs no reference copy is needed.
+    reference = None if step_cfg.precomputed_reference else trainable
     trainable = jax.tree.map(lambda x: x.astype(jnp.float32), trainable)
   return TrainState(jnp.zeros((), jnp.int32), trainable, frozen, reference,
                     optimizer.init(trainable))
@@ -173,10 +174,11 @@ def preference_loss(step_cfg, policy, reference, batch):
   return losses.ipo_loss(*args, beta=step_cfg.beta, weights=weights, **flags)
 
 
-def _reference_logps(model_cfg, step_cfg, reference, batch):
+def _reference_logps(model_cfg, step_cfg, state, batch):
   if step_cfg.precomputed_reference:
     return batch["reference_chosen_logps"], batch["reference_rejected_logps"]
-  return jax.lax.stop_gradient(pair_logps(model_cfg, step_cfg, reference, batch))
+  return jax.lax.stop_gradient(pair_logps(
+      model_cfg, step_cfg, reference_params(state, step_cfg), batch))
 
 
 def microbatch_loss(trainable, state, batch, denominators, *, model_cfg,
@@ -189,8 +191,7 @@ def microbatch_loss(trainable, state, batch, denominators, *, model_cfg,
     share = _sft_tokens(batch) / main_total
   else:
     policy = pair_logps(model_cfg, step_cfg, params, batch)
-    reference = _reference_logps(model_cfg, step_cfg,
-                                 reference_params(state, step_cfg), batch)
+    reference = _reference_logps(model_cfg, step_cfg, state, batch)
     loss, metrics = preference_loss(step_cfg, policy, reference, batch)
     weights = _pair_weights(batch)
     for side, logps in zip(("chosen", "rejected"), policy):

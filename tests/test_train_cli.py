@@ -209,3 +209,27 @@ def test_resume_with_a_different_config_is_refused(tmp_path):
   assert proc.returncode == 2
   last = proc.stderr.strip().splitlines()[-1]
   assert "holds checkpoints of a different run (trainable changed)" in last
+
+
+@pytest.mark.slow
+def test_precomputed_reference_matches_and_is_cached(tmp_path):
+  flags = [*FAST, "--config.eval_every_steps=0", "--config.export_hf=False",
+           "--config.max_steps=4"]
+  plain = str(tmp_path / "plain")
+  assert _cli(plain, *flags).returncode == 0
+  cached = str(tmp_path / "cached")
+  proc = _cli(cached, *flags, "--config.loss.precompute_reference=True")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "reference log-probs: precomputed" in proc.stderr + proc.stdout
+  assert os.path.isfile(os.path.join(cached, "reference_logps.npz"))
+  a, b = _train_losses(plain), _train_losses(cached)
+  np.testing.assert_allclose([b[k] for k in sorted(b)], [a[k] for k in sorted(a)],
+                             rtol=1e-4)
+  evals = [m for m in _metrics(cached) if "eval/loss" in m]
+  plain_evals = [m for m in _metrics(plain) if "eval/loss" in m]
+  np.testing.assert_allclose(evals[-1]["eval/loss"], plain_evals[-1]["eval/loss"],
+                             rtol=1e-4)
+  again = _cli(cached, *flags, "--config.loss.precompute_reference=True",
+               "--config.max_steps=5")
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "reference log-probs: from cache" in again.stderr + again.stdout

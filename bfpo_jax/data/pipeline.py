@@ -141,6 +141,10 @@ def collate_pairs(examples, *, buckets, pad_id):
     batch[f"{side}_loss_mask"] = attention & (np.arange(length)[None] >= prompt)
     batch[f"{side}_is_safe"] = np.array([e[f"{side}_is_safe"] for e in examples])
   batch["weight"] = np.ones(len(examples), np.float32)
+  if "reference_chosen_logps" in examples[0]:
+    for side in ("chosen", "rejected"):
+      key = f"reference_{side}_logps"
+      batch[key] = np.array([e[key] for e in examples], np.float32)
   return batch
 
 
