@@ -43,7 +43,7 @@ flags.DEFINE_integer("distributed_timeout", 300,
 
 
 class NonFiniteError(RuntimeError):
-  pass
+  """Too many non-finite steps in a row (``max_consecutive_nonfinite``)."""
 
 
 class Logger:
