@@ -316,3 +316,14 @@ def test_pack_sft_keeps_every_example_once(tok):
   batch = pipeline.collate_sft(rows[:2], buckets=(256,), pad_id=0)
   np.testing.assert_array_equal(batch["attention_mask"],
                                 batch["segment_ids"] > 0)
+
+
+def test_worker_processes_tokenize_identically(tmp_path, tok):
+  rows = [dict(GOOD, prompt=f"question {i}?", chosen=f"answer {i}",
+               rejected=f"no {i}") for i in range(2100)]
+  rows[7]["chosen_is_safe"] = "yes"  # one bad row, counted either way
+  spec = SourceSpec("preference_jsonl", _write_jsonl(tmp_path / "big.jsonl", rows))
+  serial, r0 = pipeline.prepare([spec], tok, task="preference")
+  parallel, r2 = pipeline.prepare([spec], tok, task="preference", num_workers=2)
+  assert serial == parallel and len(serial[0]) == 2099
+  assert r0 == r2
