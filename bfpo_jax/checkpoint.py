@@ -6,6 +6,10 @@ counters. Frozen weights and the reference copy are not saved: they are
 rebuilt from the run's model source, which never changes, so a 7B selective
 run checkpoints ~2 GB of down_proj masters and moments instead of the model.
 
+There is no RNG state to save: after initialisation (LoRA's A from the
+config seed) training draws no random numbers, and the data order is a pure
+function of the seed and the iterator position.
+
 All processes call :meth:`Checkpointer.save` and :meth:`restore` together;
 each writes/reads its own shards.
 """
