@@ -83,7 +83,6 @@ class RunData:
   eval_shares: list  # real pairs (or tokens) per eval batch
   steps_per_epoch: int
   report: dict
-  pad_id: int
 
 
 def _split_eval(examples, fraction, seed):
@@ -180,19 +179,21 @@ def make_data(config, examples: Examples, num_devices) -> RunData:
   eval_size = config.batch.per_device * data_parallel_size(config, num_devices)
   eval_batches, shares = _eval_batches(examples.held_out, task, eval_size,
                                        list(d.buckets), pad_id)
-  n_train = sum(map(len, examples.train))
   return RunData(train=ds, eval_batches=[_local_rows(b, p, n)
                                          for b in eval_batches],
                  eval_shares=shares,
-                 steps_per_epoch=n_train // config.batch.global_size,
-                 report=examples.report, pad_id=pad_id)
+                 steps_per_epoch=steps_per_epoch(config, examples),
+                 report=examples.report)
+
+
+def steps_per_epoch(config, examples: Examples) -> int:
+  return sum(map(len, examples.train)) // config.batch.global_size
 
 
 def total_steps(config, examples: Examples) -> int:
   if config.max_steps > 0:
     return config.max_steps
-  per_epoch = sum(map(len, examples.train)) // config.batch.global_size
-  return max(1, config.num_epochs * per_epoch)
+  return max(1, config.num_epochs * steps_per_epoch(config, examples))
 
 
 def attach_reference_logps(config, model_cfg, step_cfg, params, examples,

@@ -77,7 +77,7 @@ def init_lora(params, mask, rank: int, rng, dtype=jnp.float32):
   A [in, r] ~ N(0, 1/in) (Kaiming-like, as in PEFT) and B [r, out] = 0, so the
   adapted model starts equal to the base. Unmasked leaves are None.
   """
-  leaves, treedef = jax.tree.flatten(params)
+  leaves = jax.tree.leaves(params)
   keys = iter(jax.random.split(rng, len(leaves)))
 
   def adapter(m, w):
