@@ -14,6 +14,8 @@ functions.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -126,16 +128,110 @@ def _chunk_token_logps(hidden_CxD, unembedding_DxV, labels_C, vocab_chunk_size):
   return label_logit_C - (max_C + jnp.log(sum_C))
 
 
+def _chunk_logps_or_zeros(hidden_CxD, unembedding_DxV, labels_C, needed,
+                          vocab_chunk_size):
+  """:func:`_chunk_token_logps`, or zeros without any work when not needed."""
+  return jax.lax.cond(
+      needed,
+      lambda: _chunk_token_logps(hidden_CxD, unembedding_DxV, labels_C,
+                                 vocab_chunk_size),
+      lambda: jnp.zeros_like(labels_C, jnp.float32))
+
+
+def _map_chunks(fn, *xs):
+  """``fn`` over the leading (chunk) axis of ``xs`` in a ``lax.scan``."""
+  _, ys = jax.lax.scan(lambda _, x: (None, fn(*x)), None, xs)
+  return ys
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _chunked_logps(unembedding_DxV, hidden_KxCxD, labels_KxC, needed_K,
+                   vocab_chunk_size):
+  """[K, C] log-probs of K chunks of C tokens; chunks not needed give 0."""
+  return _map_chunks(
+      lambda h, y, n: _chunk_logps_or_zeros(h, unembedding_DxV, y, n,
+                                            vocab_chunk_size),
+      hidden_KxCxD, labels_KxC, needed_K)
+
+
+def _chunked_logps_fwd(unembedding, hidden, labels, needed, vocab_chunk_size):
+  """Log-probs and, from the same logits, d logp_t / d hidden_t per token.
+
+  Token t's log-prob depends on hidden state t alone, so its gradient is one
+  [D] row, ``w[:, y_t] - w @ softmax(h_t w)``, whatever the cotangent. It is
+  taken while the chunk's logits exist; the backward pass then only scales
+  it, instead of recomputing the logits as rematerialisation would: two
+  unembedding matmuls per chunk instead of three. The unembedding's own
+  gradient (only when it is trained) does need the logits again, and
+  recomputes them chunk by chunk in the backward pass.
+  """
+  w_DxV, labels_KxC, needed_K = unembedding.value, labels.value, needed.value
+
+  def logps_and_grad(hidden_CxD, labels_C, needed):
+    def both():
+      logps_C, vjp = jax.vjp(
+          lambda h: _chunk_token_logps(h, w_DxV, labels_C, vocab_chunk_size),
+          hidden_CxD)
+      return logps_C, vjp(jnp.ones_like(logps_C))[0]
+    return jax.lax.cond(
+        needed, both,
+        lambda: (jnp.zeros_like(labels_C, jnp.float32),
+                 jnp.zeros_like(hidden_CxD)))
+
+  if hidden.perturbed:
+    logps_KxC, grad_KxCxD = _map_chunks(logps_and_grad, hidden.value,
+                                        labels_KxC, needed_K)
+  else:
+    logps_KxC = _chunked_logps(w_DxV, hidden.value, labels_KxC, needed_K,
+                               vocab_chunk_size)
+    grad_KxCxD = None
+  # The unembedding's gradient needs the hidden states back.
+  for_w = ((w_DxV, hidden.value, labels_KxC, needed_K)
+           if unembedding.perturbed else None)
+  return logps_KxC, (grad_KxCxD, for_w)
+
+
+def _chunked_logps_bwd(vocab_chunk_size, residuals, g_KxC):
+  grad_KxCxD, for_w = residuals
+  if isinstance(g_KxC, jax.custom_derivatives.SymbolicZero):
+    g_KxC = jnp.zeros(g_KxC.shape, jnp.float32)
+  d_hidden = None
+  if grad_KxCxD is not None:
+    d_hidden = (g_KxC[..., None] * grad_KxCxD).astype(grad_KxCxD.dtype)
+  d_w = None
+  if for_w is not None:
+    w_DxV, hidden_KxCxD, labels_KxC, needed_K = for_w
+
+    def accumulate(total_DxV, inputs):
+      hidden_CxD, labels_C, needed, g_C = inputs
+      _, vjp = jax.vjp(
+          lambda w: _chunk_logps_or_zeros(hidden_CxD, w, labels_C, needed,
+                                          vocab_chunk_size), w_DxV)
+      return total_DxV + vjp(g_C)[0].astype(jnp.float32), None
+
+    d_w, _ = jax.lax.scan(accumulate, jnp.zeros(w_DxV.shape, jnp.float32),
+                          (hidden_KxCxD, labels_KxC, needed_K, g_KxC))
+    d_w = d_w.astype(w_DxV.dtype)
+  return d_w, d_hidden, None, None
+
+
+_chunked_logps.defvjp(_chunked_logps_fwd, _chunked_logps_bwd,
+                      symbolic_zeros=True)
+
+
 def chunked_token_logps(hidden, unembedding, labels, *, chunk_size,
                         vocab_chunk_size=None, mask=None):
   """Per-token log-probs from final hidden states, never forming [B, T, V].
 
-  Tokens are processed ``chunk_size`` at a time in a ``lax.scan`` whose body is
-  rematerialised, so the forward and backward passes hold logits for one
-  chunk only: [chunk_size, V], or [chunk_size, vocab_chunk_size] when the
-  vocabulary is streamed too. With ``mask``, a chunk holding no masked-in
-  token (all prompt or padding) skips the unembedding altogether, forward and
-  backward, and reports 0 there.
+  Tokens are processed ``chunk_size`` at a time in a ``lax.scan``, so no pass
+  holds more than one chunk's logits: [chunk_size, V], or
+  [chunk_size, vocab_chunk_size] in the forward pass when the vocabulary is
+  streamed too. The gradient with respect to ``hidden`` is formed in the
+  forward pass from the same logits (one [D] row per token, kept until the
+  backward pass), so differentiating costs one extra matmul per chunk rather
+  than a recomputation plus a matmul. With ``mask``, a chunk holding no
+  masked-in token (all prompt or padding) skips the unembedding altogether,
+  forward and backward, and reports 0 there.
 
   Args:
     hidden: [B, T, D] final hidden states (after the last norm).
@@ -160,23 +256,10 @@ def chunked_token_logps(hidden, unembedding, labels, *, chunk_size,
   else:
     needed_K = _pad_axis(mask.reshape(b * t).astype(bool), 0, chunk_size
                          ).reshape(n_chunks, chunk_size).any(axis=1)
-
-  @jax.checkpoint
-  def one_chunk(w_DxV, hidden_CxD, labels_C, needed):
-    return jax.lax.cond(
-        needed,
-        lambda: _chunk_token_logps(hidden_CxD, w_DxV, labels_C,
-                                   vocab_chunk_size),
-        lambda: jnp.zeros(labels_C.shape, jnp.float32))
-
-  def body(_, inputs):
-    hidden_CxD, labels_C, needed = inputs
-    return None, one_chunk(unembedding, hidden_CxD, labels_C, needed)
-
-  _, logps_KxC = jax.lax.scan(
-      body, None,
-      (hidden_NxD.reshape(n_chunks, chunk_size, d),
-       labels_N.reshape(n_chunks, chunk_size), needed_K))
+  with jax.named_scope("logps"):
+    logps_KxC = _chunked_logps(
+        unembedding, hidden_NxD.reshape(n_chunks, chunk_size, d),
+        labels_N.reshape(n_chunks, chunk_size), needed_K, vocab_chunk_size)
   return logps_KxC.reshape(-1)[: b * t].reshape(b, t)
 
 

@@ -263,6 +263,60 @@ def test_chunked_never_forms_full_logits():
   assert f"{chunk},{v}]" in jaxpr
 
 
+@pytest.mark.parametrize("vocab_chunk_size", [None, 16])
+def test_chunked_gradient_of_hidden_alone_and_of_unembedding_alone(
+    vocab_chunk_size):
+  # The custom VJP takes different paths when only one input is differentiated
+  # (a frozen output matrix is the usual case); each must match autodiff.
+  hidden, w, labels, mask = _random_lm_batch(7)
+  chunked = lambda h, w: jnp.sum(losses.chunked_sequence_logps(  # noqa: E731
+      h, w, labels, mask, chunk_size=5, vocab_chunk_size=vocab_chunk_size))
+  full = lambda h, w: jnp.sum(losses.sequence_logps(  # noqa: E731
+      jnp.einsum("btd,dv->btv", h, w), labels, mask))
+  for argnum in (0, 1):
+    np.testing.assert_allclose(jax.grad(chunked, argnum)(hidden, w),
+                               jax.grad(full, argnum)(hidden, w), atol=1e-5)
+
+
+def _count_logit_matmuls(jaxpr, vocab):
+  """dot_generals producing [..., vocab] outputs, sub-jaxprs included."""
+  count = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general" and eqn.outvars[0].aval.shape[-1:] == (
+        vocab,):
+      count += 1
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, tuple | list) else (param,):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          count += _count_logit_matmuls(inner, vocab)
+  return count
+
+
+def test_chunked_backward_does_not_recompute_logits():
+  hidden, w, labels, mask = _random_lm_batch(8, v=97)
+  loss = lambda h: jnp.sum(losses.chunked_sequence_logps(  # noqa: E731
+      h, w, labels, mask, chunk_size=4))
+  # Forward only: one logits matmul (in the scan body). With the gradient of
+  # the hidden states: still one, since the gradient rows come from the same
+  # logits; rematerialisation would make it two.
+  assert _count_logit_matmuls(jax.make_jaxpr(loss)(hidden).jaxpr, 97) == 1
+  assert _count_logit_matmuls(
+      jax.make_jaxpr(jax.grad(loss))(hidden).jaxpr, 97) == 1
+
+
+def test_chunked_gradient_in_bfloat16_tracks_float32():
+  hidden, w, labels, mask = _random_lm_batch(9, d=32, v=200)
+  h16, w16 = jnp.asarray(hidden, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
+  grad = lambda h, w: jax.grad(lambda h: jnp.sum(  # noqa: E731
+      losses.chunked_sequence_logps(h, w, labels, mask, chunk_size=8)))(h)
+  g16 = grad(h16, w16)
+  assert g16.dtype == jnp.bfloat16
+  g32 = grad(jnp.asarray(h16, jnp.float32), jnp.asarray(w16, jnp.float32))
+  err = np.abs(np.asarray(g16, np.float32) - np.asarray(g32))
+  assert err.max() < 0.02 * np.abs(np.asarray(g32)).max()
+
+
 def test_chunked_bf16_hidden_matches_float32_reference():
   hidden, w, labels, mask = _random_lm_batch(5)
   h16, w16 = jnp.asarray(hidden, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
