@@ -222,8 +222,9 @@ def attach_reference_logps(config, model_cfg, step_cfg, params, examples,
   if cached is None:
     size = config.batch.per_device * data_parallel_size(config,
                                                         jax.device_count())
-    fn = jax.jit(lambda p, b: pair_logps(model_cfg, step_cfg, p, b),
-                 out_shardings=sharding.replicated(mesh))
+    fn = jax.jit(sharding.with_activation_sharding(
+        lambda p, b: pair_logps(model_cfg, step_cfg, p, b, mesh), mesh),
+        out_shardings=sharding.replicated(mesh))
     batches, _ = _eval_batches(pairs, "preference", size,
                                list(config.data.buckets), examples.pad_id)
     p, n = jax.process_index(), jax.process_count()

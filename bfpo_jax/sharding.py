@@ -15,6 +15,7 @@ shapes alone (nothing is allocated).
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 
 import jax
@@ -23,7 +24,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from bfpo_jax.model.config import MistralConfig
-from bfpo_jax.model.mistral import abstract_params, logical_axes
+from bfpo_jax.model.mistral import abstract_params, activation_sharding, logical_axes
 from bfpo_jax.trainable import split, trainable_mask
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -36,6 +37,14 @@ DEFAULT_RULES = (
     ("kv_heads", "tensor"),
     ("norm", None),
     ("lora_rank", None),
+    # Activations: rows over the data-parallel axes (FSDP gathers weights to
+    # them), heads and MLP features over tensor. See with_activation_sharding.
+    ("act_batch", BATCH_AXES),
+    ("act_length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
 )
 
 
@@ -114,6 +123,28 @@ def lora_specs(param_spec_tree, lora_tree):
   return jax.tree.map(spec, lora_tree, param_spec_tree,
                       is_leaf=lambda x: x is None or (isinstance(x, dict)
                                                       and "lora_a" in x))
+
+
+def with_activation_sharding(fn, mesh, rules=DEFAULT_RULES):
+  """``fn`` traced with its model activations pinned to ``mesh`` by ``rules``.
+
+  Without pins, XLA's propagation meets FSDP-sharded weights (model width
+  over ``fsdp``) and batch-sharded inputs (rows over ``fsdp``) and may settle
+  on sharding the width: every device then holds the whole batch and every
+  matmul all-reduces full activations. Pinning the residual stream to rows
+  makes it gather weights instead (see benchmarks/collectives.py).
+  """
+  axis_sizes = dict(mesh.shape)
+
+  def resolve(axes, shape):
+    return NamedSharding(mesh, logical_to_spec(axes, shape, axis_sizes, rules))
+
+  @functools.wraps(getattr(fn, "func", fn))  # a partial: name the function
+  def pinned(*args, **kwargs):
+    with activation_sharding(resolve):
+      return fn(*args, **kwargs)
+
+  return pinned
 
 
 def named(mesh, spec_tree):

@@ -105,28 +105,43 @@ def reference_params(state: TrainState, step_cfg: StepConfig):
   return combine(state.reference, state.frozen)
 
 
-def sequence_logps(model_cfg, step_cfg, params, input_ids, attention_mask,
-                   loss_mask, *, per_token=False, segment_ids=None):
-  """[B] response log-probs (or [B, T-1] per token) via the chunked path."""
-  hidden = apply_hidden(model_cfg, params, input_ids, attention_mask,
-                        segment_ids=segment_ids)
-  w = unembedding(model_cfg, params).astype(model_cfg.dtype)
+def _logps_from_hidden(hidden, w, labels, loss_mask, *, step_cfg, per_token):
   kwargs = dict(chunk_size=step_cfg.chunk_size,
                 vocab_chunk_size=step_cfg.vocab_chunk_size)
   if per_token:
-    return losses.chunked_token_logps(hidden[:, :-1], w, input_ids[:, 1:],
-                                      mask=loss_mask[:, 1:], **kwargs)
-  return losses.chunked_sequence_logps(hidden[:, :-1], w, input_ids[:, 1:],
-                                       loss_mask[:, 1:],
+    return losses.chunked_token_logps(hidden, w, labels, mask=loss_mask,
+                                      **kwargs)
+  return losses.chunked_sequence_logps(hidden, w, labels, loss_mask,
                                        average=step_cfg.average_logps, **kwargs)
 
 
-def pair_logps(model_cfg, step_cfg, params, batch):
+def sequence_logps(model_cfg, step_cfg, params, input_ids, attention_mask,
+                   loss_mask, *, per_token=False, segment_ids=None, mesh=None):
+  """[B] response log-probs (or [B, T-1] per token) via the chunked path.
+
+  With a ``mesh``, the log-probs run per device on its own rows
+  (``shard_map`` over the batch axes, the output matrix gathered whole):
+  left to itself, XLA shards the chunk loop's matmul over the model width
+  instead and all-reduces every chunk's [chunk, V] logits.
+  """
+  hidden = apply_hidden(model_cfg, params, input_ids, attention_mask,
+                        segment_ids=segment_ids)
+  w = unembedding(model_cfg, params).astype(model_cfg.dtype)
+  fn = functools.partial(_logps_from_hidden, step_cfg=step_cfg,
+                         per_token=per_token)
+  if mesh is not None:
+    rows = PartitionSpec(sharding.BATCH_AXES)
+    fn = jax.shard_map(fn, mesh=mesh, in_specs=(rows, PartitionSpec(), rows, rows),
+                       out_specs=rows, axis_names=frozenset(sharding.BATCH_AXES))
+  return fn(hidden[:, :-1], w, input_ids[:, 1:], loss_mask[:, 1:])
+
+
+def pair_logps(model_cfg, step_cfg, params, batch, mesh=None):
   """Chosen and rejected [B] log-probs from one forward over [2B, T]."""
   cat = lambda k: jnp.concatenate([batch[f"chosen_{k}"],  # noqa: E731
                                    batch[f"rejected_{k}"]])
   logps = sequence_logps(model_cfg, step_cfg, params, cat("input_ids"),
-                         cat("attention_mask"), cat("loss_mask"))
+                         cat("attention_mask"), cat("loss_mask"), mesh=mesh)
   n = batch["chosen_input_ids"].shape[0]
   return logps[:n], logps[n:]
 
@@ -148,11 +163,11 @@ def _denominators(batch, step_cfg):
   return jnp.maximum(main, 1e-6), jnp.maximum(buffer, 1.0)
 
 
-def _sft_term(model_cfg, step_cfg, params, batch):
+def _sft_term(model_cfg, step_cfg, params, batch, mesh):
   token_logps = sequence_logps(model_cfg, step_cfg, params, batch["input_ids"],
                                batch["attention_mask"], batch["loss_mask"],
                                per_token=True,
-                               segment_ids=batch.get("segment_ids"))
+                               segment_ids=batch.get("segment_ids"), mesh=mesh)
   return losses.sft_loss_from_token_logps(token_logps, batch["loss_mask"][:, 1:])
 
 
@@ -174,24 +189,27 @@ def preference_loss(step_cfg, policy, reference, batch):
   return losses.ipo_loss(*args, beta=step_cfg.beta, weights=weights, **flags)
 
 
-def _reference_logps(model_cfg, step_cfg, state, batch):
+def _reference_logps(model_cfg, step_cfg, state, batch, mesh):
   if step_cfg.precomputed_reference:
     return batch["reference_chosen_logps"], batch["reference_rejected_logps"]
   return jax.lax.stop_gradient(pair_logps(
-      model_cfg, step_cfg, reference_params(state, step_cfg), batch))
+      model_cfg, step_cfg, reference_params(state, step_cfg), batch, mesh))
 
 
 def microbatch_loss(trainable, state, batch, denominators, *, model_cfg,
-                    step_cfg):
+                    step_cfg, mesh=None):
   """This microbatch's share of the full-batch loss, and its metrics."""
   params = policy_params(state._replace(trainable=trainable), step_cfg)
   main_total, buffer_total = denominators
   if step_cfg.stage == "sft":
-    loss, metrics = _sft_term(model_cfg, step_cfg, params, batch)
+    with jax.named_scope("policy"):
+      loss, metrics = _sft_term(model_cfg, step_cfg, params, batch, mesh)
     share = _sft_tokens(batch) / main_total
   else:
-    policy = pair_logps(model_cfg, step_cfg, params, batch)
-    reference = _reference_logps(model_cfg, step_cfg, state, batch)
+    with jax.named_scope("policy"):
+      policy = pair_logps(model_cfg, step_cfg, params, batch, mesh)
+    with jax.named_scope("reference"):
+      reference = _reference_logps(model_cfg, step_cfg, state, batch, mesh)
     loss, metrics = preference_loss(step_cfg, policy, reference, batch)
     weights = _pair_weights(batch)
     for side, logps in zip(("chosen", "rejected"), policy):
@@ -202,7 +220,8 @@ def microbatch_loss(trainable, state, batch, denominators, *, model_cfg,
   metrics = {k: v for k, v in metrics.items() if k != "loss"}
   metrics["share"] = share
   if step_cfg.buffer_weight and "buffer" in batch:
-    buffer_loss, _ = _sft_term(model_cfg, step_cfg, params, batch["buffer"])
+    buffer_loss, _ = _sft_term(model_cfg, step_cfg, params, batch["buffer"],
+                               mesh)
     buffer_share = _sft_tokens(batch["buffer"]) / buffer_total
     total = total + step_cfg.buffer_weight * buffer_loss * buffer_share
     metrics["buffer_loss"] = buffer_loss * buffer_share
@@ -267,12 +286,15 @@ def train_step(state: TrainState, batch, *, model_cfg, step_cfg, optimizer,
   A non-finite loss or gradient leaves params and optimizer state unchanged
   (``metrics['nonfinite'] == 1``); the step counter still advances.
   """
-  fn = functools.partial(microbatch_loss, model_cfg=model_cfg, step_cfg=step_cfg)
+  fn = functools.partial(microbatch_loss, model_cfg=model_cfg, step_cfg=step_cfg,
+                         mesh=mesh)
   grads, metrics = _accumulate(fn, state, batch, step_cfg, mesh)
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
-  trainable = optax.apply_updates(state.trainable, updates)
+  with jax.named_scope("optimizer"):
+    updates, opt_state = optimizer.update(grads, state.opt_state,
+                                          state.trainable)
+    trainable = optax.apply_updates(state.trainable, updates)
   keep = lambda new, old: jax.tree.map(  # noqa: E731
       lambda n, o: jnp.where(finite, n, o), new, old)
   metrics["grad_norm"] = grad_norm
@@ -285,15 +307,17 @@ def train_step(state: TrainState, batch, *, model_cfg, step_cfg, optimizer,
 
 def eval_step(state: TrainState, batch, *, model_cfg, step_cfg, mesh=None):
   """The same loss and metrics as :func:`train_step`, without updating."""
-  fn = functools.partial(microbatch_loss, model_cfg=model_cfg, step_cfg=step_cfg)
+  fn = functools.partial(microbatch_loss, model_cfg=model_cfg, step_cfg=step_cfg,
+                         mesh=mesh)
   _, metrics = fn(state.trainable, state, batch, _denominators(batch, step_cfg))
   return combine_metrics(jax.tree.map(lambda x: x[None], metrics))
 
 
-def reference_logps_step(state: TrainState, batch, *, model_cfg, step_cfg):
+def reference_logps_step(state: TrainState, batch, *, model_cfg, step_cfg,
+                         mesh=None):
   """Reference log-probs of a preference batch, to precompute them once."""
   return pair_logps(model_cfg, step_cfg, reference_params(state, step_cfg),
-                    batch)
+                    batch, mesh)
 
 
 # --------------------------------------------------------------------------- #
@@ -351,6 +375,7 @@ def build_train_step(model_cfg, step_cfg: StepConfig, optimizer, *, mesh=None,
                          optimizer=optimizer, mesh=mesh)
   if mesh is None:
     return jax.jit(fn, donate_argnums=0)
+  fn = sharding.with_activation_sharding(fn, mesh)
   return jax.jit(fn, in_shardings=(shardings, sharding.batch_sharding(mesh)),
                  out_shardings=(shardings, sharding.replicated(mesh)),
                  donate_argnums=0)
@@ -363,5 +388,6 @@ def build_eval_step(model_cfg, step_cfg: StepConfig, *, mesh=None,
                          mesh=mesh)
   if mesh is None:
     return jax.jit(fn)
+  fn = sharding.with_activation_sharding(fn, mesh)
   return jax.jit(fn, in_shardings=(shardings, sharding.batch_sharding(mesh)),
                  out_shardings=sharding.replicated(mesh))

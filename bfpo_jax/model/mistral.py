@@ -16,6 +16,8 @@ N query heads, K key/value heads, H head dim, F mlp width, V vocabulary.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import re
 
@@ -24,6 +26,36 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bfpo_jax.model.config import MistralConfig
+
+_ACTIVATION_SHARDING = contextvars.ContextVar("activation_sharding",
+                                              default=None)
+
+BTD = ("act_batch", "act_length", "act_embed")
+"""Logical axes of the residual stream [B, T, D]."""
+
+
+@contextlib.contextmanager
+def activation_sharding(resolve):
+  """Within this context, traced activations are pinned to shardings.
+
+  ``resolve(logical_axes, shape)`` returns the ``jax.sharding.Sharding`` of
+  an activation with those logical axes (``act_batch``, ``act_length``,
+  ``act_embed``, ``act_heads``, ``act_kv_heads``, ``act_mlp``), or None to
+  leave it to XLA. :func:`bfpo_jax.sharding.with_activation_sharding` builds
+  one from a mesh and rules. Outside the context nothing is pinned.
+  """
+  token = _ACTIVATION_SHARDING.set(resolve)
+  try:
+    yield
+  finally:
+    _ACTIVATION_SHARDING.reset(token)
+
+
+def pin(x, axes):
+  """``x`` constrained to the sharding of logical ``axes``, if a context says."""
+  resolve = _ACTIVATION_SHARDING.get()
+  sharding = None if resolve is None else resolve(axes, x.shape)
+  return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 
 
 def _param(rngs, cfg, shape, axes, init=None):
@@ -106,11 +138,13 @@ class Attention(nnx.Module):
     cfg = self.cfg
     b, t, _ = x_BxTxD.shape
     n, k, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.dim_per_head
-    q_BxTxNxH = rope(self.q_proj(x_BxTxD).reshape(b, t, n, h), positions_BxT,
-                     cfg.rope_theta)
-    k_BxTxKxH = rope(self.k_proj(x_BxTxD).reshape(b, t, k, h), positions_BxT,
-                     cfg.rope_theta)
-    v_BxTxKxH = self.v_proj(x_BxTxD).reshape(b, t, k, h)
+    heads, kv_heads = BTD[:2] + ("act_heads", None), BTD[:2] + ("act_kv_heads",
+                                                                 None)
+    q_BxTxNxH = rope(pin(self.q_proj(x_BxTxD).reshape(b, t, n, h), heads),
+                     positions_BxT, cfg.rope_theta)
+    k_BxTxKxH = rope(pin(self.k_proj(x_BxTxD).reshape(b, t, k, h), kv_heads),
+                     positions_BxT, cfg.rope_theta)
+    v_BxTxKxH = pin(self.v_proj(x_BxTxD).reshape(b, t, k, h), kv_heads)
     if cache is not None:
       start = query_index_T[0]
       keys = jax.lax.dynamic_update_slice_in_dim(
@@ -150,7 +184,9 @@ class MLP(nnx.Module):
     self.down_proj = Dense(cfg, f, d, ("mlp", "embed"), rngs)
 
   def __call__(self, x):
-    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    mlp = BTD[:2] + ("act_mlp",)
+    return self.down_proj(jax.nn.silu(pin(self.gate_proj(x), mlp))
+                          * pin(self.up_proj(x), mlp))
 
 
 class Block(nnx.Module):
@@ -164,10 +200,13 @@ class Block(nnx.Module):
 
   def __call__(self, x, positions, key_valid, query_index, cache=None,
                segment_ids=None):
-    attn, cache = self.self_attn(self.input_layernorm(x), positions, key_valid,
-                                 query_index, cache, segment_ids)
+    # Named scopes label the ops in profiles (benchmarks/profile_step.py).
+    with jax.named_scope("attention"):
+      attn, cache = self.self_attn(self.input_layernorm(x), positions,
+                                   key_valid, query_index, cache, segment_ids)
     x = x + attn
-    return x + self.mlp(self.post_attention_layernorm(x)), cache
+    with jax.named_scope("mlp"):
+      return x + self.mlp(self.post_attention_layernorm(x)), cache
 
 
 def _run_block(block, x, positions, key_valid, query_index, cache,
@@ -192,16 +231,18 @@ class Mistral(nnx.Module):
 
   def __call__(self, input_ids_BxT, positions_BxT, key_valid_BxS,
                query_index_T, caches=None, segment_ids_BxT=None):
-    x = jnp.take(self.embed_tokens.embedding[...], input_ids_BxT, axis=0)
-    x = x.astype(self.cfg.dtype)
+    with jax.named_scope("embed"):
+      x = jnp.take(self.embed_tokens.embedding[...], input_ids_BxT, axis=0)
+      x = pin(x.astype(self.cfg.dtype), BTD)
     run = (nnx.remat(_run_block, prevent_cse=True) if self.cfg.remat
            else _run_block)
     new_caches = []
     for i, block in enumerate(self.layers):
       x, cache = run(block, x, positions_BxT, key_valid_BxS, query_index_T,
                      None if caches is None else caches[i], segment_ids_BxT)
+      x = pin(x, BTD)
       new_caches.append(cache)
-    return self.norm(x), (None if caches is None else new_caches)
+    return pin(self.norm(x), BTD), (None if caches is None else new_caches)
 
   def unembedding(self):
     if self.cfg.tie_word_embeddings:
