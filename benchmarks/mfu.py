@@ -35,6 +35,8 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import profiling  # noqa: E402  (benchmarks/ is the script's folder)
+
 from bfpo_jax import sharding, trainable  # noqa: E402
 from bfpo_jax import train_step as ts  # noqa: E402
 from bfpo_jax.build import step_config  # noqa: E402
@@ -95,6 +97,8 @@ def main(argv=None):
   parser.add_argument("--peak_tflops", type=float, default=0.0,
                       help="per-device bf16 peak, if not in the built-in table")
   parser.add_argument("--json")
+  parser.add_argument("--profile", help="also trace 3 steps into this folder "
+                      "and print where their time goes")
   args = parser.parse_args(argv)
 
   config = load_config(args.config)
@@ -120,8 +124,8 @@ def main(argv=None):
   state, shardings = ts.create_state(params, optimizer, step_cfg, cfg, mask=mask,
                                      mesh=mesh)
   del params
-  step = ts.build_train_step(cfg, step_cfg, optimizer, mesh=mesh,
-                             shardings=shardings)
+  jitted = ts.build_train_step(cfg, step_cfg, optimizer, mesh=mesh,
+                               shardings=shardings)
   rng = np.random.default_rng(0)
   batch = {}
   for side in ("chosen", "rejected"):
@@ -134,6 +138,8 @@ def main(argv=None):
   batch["chosen_is_safe"] = rng.integers(0, 2, pairs).astype(bool)
   batch["rejected_is_safe"] = rng.integers(0, 2, pairs).astype(bool)
   batch = jax.device_put(batch, sharding.batch_sharding(mesh))
+  step = (profiling.compile_and_dump(jitted, (state, batch), args.profile)
+          if args.profile else jitted.lower(state, batch).compile())
 
   times = []
   for i in range(args.warmup + args.reps):
@@ -142,6 +148,15 @@ def main(argv=None):
     jax.block_until_ready(metrics)
     if i >= args.warmup:
       times.append(time.perf_counter() - tick)
+  if args.profile:  # separate steps: tracing slows the timed ones down
+
+    def run_steps():
+      out = state
+      for _ in range(3):
+        out, m = step(out, batch)
+      return jax.block_until_ready((out, m))
+
+    state, _ = profiling.trace(run_steps, args.profile, 3)
   median = statistics.median(times)
   peak = args.peak_tflops * 1e12 or peak_flops(devices[0])
   result = {
@@ -155,9 +170,7 @@ def main(argv=None):
   }
   print(json.dumps(result, indent=2))
   if args.json:
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-      json.dump(result, f, indent=2)
+    profiling.write_json(result, args.json)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@ from bfpo_jax.model import MistralConfig, abstract_params
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
+import collectives  # noqa: E402
 import mfu  # noqa: E402
+import profiling  # noqa: E402
 
 
 def test_step_flops_by_hand():
@@ -44,7 +46,8 @@ def test_step_throughput_writes_side_by_side_json(tmp_path):
        "--warmup", "1", "--reps", "1", "--hidden_size", "32",
        "--intermediate_size", "64", "--num_hidden_layers", "1",
        "--num_attention_heads", "4", "--num_key_value_heads", "2",
-       "--vocab_size", "512", "--seq_len", "32", "--prompt_len", "8"],
+       "--vocab_size", "512", "--seq_len", "32", "--prompt_len", "8",
+       "--profile", str(tmp_path / "profile")],
       cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(out.read_text())
@@ -53,3 +56,79 @@ def test_step_throughput_writes_side_by_side_json(tmp_path):
     assert key in result
   assert abs(result["ratio"] - result["jax_tokens_per_s"]
              / result["torch_tokens_per_s"]) < 1e-9
+  # --profile: the traced steps' op time by phase and component (one
+  # layer whose down_proj trains: the backward reaches its mlp, not attention).
+  summary = json.loads((tmp_path / "profile" / "summary.json").read_text())
+  parts = {(p["phase"], p["component"]) for p in summary["parts"]}
+  for part in [("policy forward", "logps"), ("reference forward", "logps"),
+               ("policy forward", "mlp"), ("backward", "mlp")]:
+    assert part in parts
+  assert abs(sum(p["share"] for p in summary["parts"]) - 1) < 1e-6
+
+
+HLO = """HloModule jit_step, entry_computation_layout={()->f32[]}
+
+%body (p: (s32[], f32[4,8])) -> (s32[], f32[4,8]) {
+  %p = (s32[], f32[4,8]{1,0}) parameter(0)
+  %ag = bf16[4,8]{1,0} all-gather(%x), dimensions={0}, metadata={op_name="jit(step)/jvp(policy)/mlp/dot_general"}
+  ROOT %t = (s32[], f32[4,8]{1,0}) tuple(%i, %ag)
+}
+
+%cond (p: (s32[], f32[4,8])) -> pred[] {
+  ROOT %lt = pred[] compare(%a, %b), direction=LT
+}
+
+ENTRY %main () -> f32[] {
+  %w = (s32[], f32[4,8]{1,0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  %ar = f32[16]{0} all-reduce(%g), to_apply=%add, metadata={op_name="jit(step)/transpose(jvp(policy))/attention/dot_general"}
+  %rs = f32[2,2]{1,0} reduce-scatter(%h), dimensions={0}, metadata={op_name="jit(step)/optimizer/add"}
+  ROOT %r = f32[] constant(0)
+}
+"""  # noqa: E501 (HLO lines are long)
+
+
+def test_collective_bytes_by_hand():
+  out = collectives.collective_bytes(HLO)
+  # all-gather: 4*8 bf16 = 64 B, three loop trips; all-reduce 16 f32 = 64 B;
+  # reduce-scatter 4 f32 = 16 B.
+  assert out["by_kind"] == {"all-gather": 192, "all-reduce": 64,
+                            "reduce-scatter": 16}
+  assert out["total_bytes"] == 272
+  assert out["by_part"] == {"policy forward/mlp": 192, "backward/attention": 64,
+                            "optimizer/other": 16}
+
+
+def test_classify_reads_scopes_and_transforms():
+  assert profiling.classify("jit(train_step)/jvp(reference)/logps/while/body/"
+                            "dot_general") == ("reference forward", "logps")
+  assert profiling.classify(
+      "jit(train_step)/while/body/closed_call/transpose(jvp(policy))/"
+      "jvp(policy)/checkpoint/rematted_computation/mlp/dot_general") == (
+          "remat recompute", "mlp")
+  assert profiling.classify("jit(train_step)/optimizer/mul") == ("optimizer",
+                                                                  "other")
+  assert profiling.classify("reduce_sum") == ("other", "other")
+
+
+def test_self_times_subtract_nested_ops():
+  events = [{"ts": 0, "dur": 10}, {"ts": 1, "dur": 3}, {"ts": 5, "dur": 4},
+            {"ts": 6, "dur": 1}, {"ts": 20, "dur": 2}]
+  assert profiling.self_times(events) == {0: 3, 1: 3, 2: 3, 3: 1, 4: 2}
+
+
+@pytest.mark.slow
+def test_collectives_of_the_a100x4_step_gather_weights_not_activations(tmp_path):
+  # The tiny architecture under the a100x4 config's fsdp=4 mesh: rows stay on
+  # their device, so nothing activation- or logits-sized is all-reduced (the
+  # session-1 step all-reduced ~24 GiB per step here: [chunk, 32000] logits
+  # and [16, 1024, 128] MLP activations).
+  out = tmp_path / "c.json"
+  proc = subprocess.run(
+      [sys.executable, "benchmarks/collectives.py", "--preset", "tiny",
+       "--json", str(out)], cwd=ROOT, capture_output=True, text=True,
+      timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(out.read_text())
+  assert result["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+  assert result["by_kind"].get("all-reduce", 0) < 2**20
+  assert 0 < result["total_bytes"] < 2**27
