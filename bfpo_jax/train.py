@@ -234,7 +234,7 @@ def run(config, workdir: str) -> dict:
 
   clock = {"last": time.perf_counter()}
 
-  def record(step, metrics, tokens):
+  def record(step, metrics, tokens, data_s):
     metrics = jax.device_get(metrics)  # blocks until that step is done
     now = time.perf_counter()
     seconds, clock["last"] = now - clock["last"], now
@@ -246,7 +246,10 @@ def run(config, workdir: str) -> dict:
     else:
       counters["nonfinite_in_a_row"] = 0
     if step % config.log_every_steps == 0 or step == steps:
-      metrics = dict(metrics, tokens_per_s=tokens / max(seconds, 1e-9))
+      # data_s: host time spent getting this step's batch, while the
+      # previous step ran; step_s: wall time between two finished steps.
+      metrics = dict(metrics, tokens_per_s=tokens / max(seconds, 1e-9),
+                     data_s=data_s, step_s=seconds)
       log.write(step, metrics)
     log.progress(step, metrics, tokens / max(seconds, 1e-9))
     if counters["nonfinite_in_a_row"] >= config.max_consecutive_nonfinite:
@@ -257,13 +260,16 @@ def run(config, workdir: str) -> dict:
   pending = None
   try:
     for step in range(start + 1, steps + 1):
+      tick = time.perf_counter()
       local = next(iterator)
       tokens = sum(int(np.sum(v)) for k, v in local.items()
                    if k.endswith("attention_mask")) * jax.process_count()
-      state, metrics = train_fn(state, build.global_batch(local, mesh))
+      batch = build.global_batch(local, mesh)
+      data_s = time.perf_counter() - tick
+      state, metrics = train_fn(state, batch)
       if pending:  # read the previous step's metrics after dispatching this one
         record(*pending)
-      pending = (step, metrics, tokens)
+      pending = (step, metrics, tokens, data_s)
       if ckpt.due(step):
         ckpt.save(state, meta())
       if config.eval_every_steps and step % config.eval_every_steps == 0:

@@ -53,6 +53,8 @@ def test_each_stage_runs_and_writes_what_a_person_sees(tmp_path, stage):
   train = [r for r in records if "loss" in r]
   assert [r["step"] for r in train] == list(range(1, 7))
   assert all(r["stage"] == stage and np.isfinite(r["loss"]) for r in train)
+  # Timing: the batch fetch is a part of the wall time between steps.
+  assert all(0 <= r["data_s"] < r["step_s"] for r in train[1:])
   evals = [r for r in records if "eval/loss" in r]
   assert [r["step"] for r in evals] == [3, 6, 6]
   if stage != "sft":
