@@ -133,7 +133,8 @@ def compile_step(config, preset="mistral_7b", layers=0, devices=4):
   cfg = getattr(MistralConfig, preset)(
       dtype=np.dtype(config.model.dtype),
       param_dtype=np.dtype(config.model.param_dtype),
-      remat=config.model.remat, attention_impl=config.model.attention_impl)
+      remat=config.model.remat, remat_policy=config.model.remat_policy,
+      attention_impl=config.model.attention_impl)
   if layers:
     cfg = cfg.replace(num_hidden_layers=layers)
   m = config.mesh

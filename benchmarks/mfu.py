@@ -106,6 +106,7 @@ def main(argv=None):
   cfg = getattr(MistralConfig, args.preset)(
       dtype=np.dtype(config.model.dtype), param_dtype=np.dtype(
           config.model.param_dtype), remat=config.model.remat,
+      remat_policy=config.model.remat_policy,
       attention_impl=config.model.attention_impl)
   if args.layers:
     cfg = cfg.replace(num_hidden_layers=args.layers)

@@ -65,7 +65,7 @@ def _model_fields(shape):
                                 "num_key_value_heads")}
 
 
-def time_jax(shape, warmup, reps, profile_dir=None):
+def time_jax(shape, warmup, reps, profile_dir=None, remat="none"):
   import jax
   import optax
 
@@ -73,7 +73,8 @@ def time_jax(shape, warmup, reps, profile_dir=None):
   from bfpo_jax.model import MistralConfig, init_params
 
   cfg = MistralConfig(**_model_fields(shape), sliding_window=None,
-                      tie_word_embeddings=False)
+                      tie_word_embeddings=False, remat=remat != "none",
+                      remat_policy="full" if remat == "none" else remat)
   step_cfg = ts.StepConfig(stage="bfpo", beta=0.01, mode="selective",
                            chunk_size=shape["chunk_size"])
   optimizer = optax.adamw(5e-7)
@@ -155,10 +156,11 @@ def time_torch(shape, warmup, reps):
   return times, float(loss)
 
 
-def child(framework, shape, warmup, reps, profile_dir):
-  fn = time_jax if framework == "jax" else time_torch
-  args = (shape, warmup, reps) + ((profile_dir,) if framework == "jax" else ())
-  times, loss = fn(*args)
+def child(framework, shape, warmup, reps, profile_dir, remat):
+  if framework == "jax":
+    times, loss = time_jax(shape, warmup, reps, profile_dir, remat)
+  else:
+    times, loss = time_torch(shape, warmup, reps)
   tokens = 2 * shape["pairs"] * shape["seq_len"]
   print(json.dumps({
       "median_step_s": statistics.median(times),
@@ -173,6 +175,8 @@ def main(argv=None):
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--reps", type=int, default=5)
   parser.add_argument("--profile", help="jax.profiler trace folder")
+  parser.add_argument("--remat", default="none", choices=["none", "full", "dots"],
+                      help="jax side: rematerialise blocks (model.remat_policy)")
   for key, value in SHAPE.items():
     parser.add_argument(f"--{key}", type=int, default=value)
   parser.add_argument("--framework", choices=["jax", "torch"],
@@ -180,12 +184,14 @@ def main(argv=None):
   args = parser.parse_args(argv)
   shape = {k: getattr(args, k) for k in SHAPE}
   if args.framework:
-    child(args.framework, shape, args.warmup, args.reps, args.profile)
+    child(args.framework, shape, args.warmup, args.reps, args.profile,
+          args.remat)
     return
   results = {}
   for framework in ("jax", "torch"):
     cmd = [sys.executable, os.path.abspath(__file__), "--framework", framework,
-           "--warmup", str(args.warmup), "--reps", str(args.reps)]
+           "--warmup", str(args.warmup), "--reps", str(args.reps),
+           "--remat", args.remat]
     cmd += [x for k, v in shape.items() for x in (f"--{k}", str(v))]
     if args.profile and framework == "jax":
       cmd += ["--profile", args.profile]
@@ -204,7 +210,8 @@ def main(argv=None):
       "torch_peak_rss_mib": results["torch"]["peak_rss_mib"],
       "jax_median_step_s": results["jax"]["median_step_s"],
       "torch_median_step_s": results["torch"]["median_step_s"],
-      "shape": shape, "warmup": args.warmup, "reps": args.reps,
+      "shape": shape, "remat": args.remat, "warmup": args.warmup,
+      "reps": args.reps,
       "machine": f"{platform.processor() or platform.machine()}, "
                  f"{os.cpu_count()} cores",
       "date": time.strftime("%Y-%m-%d"),

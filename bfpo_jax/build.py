@@ -40,6 +40,7 @@ def load_model(config, mesh):
   """``(model_cfg, params)`` with params placed on their shardings."""
   param_dtype = jnp.dtype(config.model.param_dtype)
   run = dict(dtype=jnp.dtype(config.model.dtype), remat=config.model.remat,
+             remat_policy=config.model.remat_policy,
              attention_impl=config.model.attention_impl)
   source = model_source(config)
   if source:

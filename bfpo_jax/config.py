@@ -12,6 +12,7 @@ import os
 import ml_collections
 
 from bfpo_jax.data.sources import KINDS
+from bfpo_jax.model.config import REMAT_POLICIES
 from bfpo_jax.train_step import STAGES
 from bfpo_jax.trainable import MODES
 
@@ -33,6 +34,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"  # compute dtype (bfloat16 on accelerators)
   c.model.param_dtype = "float32"  # storage dtype of frozen weights
   c.model.remat = False  # rematerialise each block in the backward pass
+  c.model.remat_policy = "full"  # full: keep block inputs only; dots: also
+  # the weight matmuls' outputs (more memory, almost no recompute)
   c.model.attention_impl = "xla"  # xla | cudnn
   c.init_from = ""  # an earlier run's workdir or HF export (SFT -> BFPO)
   c.tokenizer = ""  # tokenizer folder; "" = the model's, "mistral" = bundled
@@ -111,6 +114,9 @@ def validate(config, num_devices: int) -> None:
   if config.trainable.mode not in MODES:
     raise ConfigError(f"trainable.mode: {config.trainable.mode!r} is not one "
                       f"of {MODES}")
+  if config.model.remat_policy not in REMAT_POLICIES:
+    raise ConfigError(f"model.remat_policy: {config.model.remat_policy!r} is "
+                      f"not one of {REMAT_POLICIES}")
   for field in ("dtype", "param_dtype"):
     if config.model[field] not in DTYPES:
       raise ConfigError(f"model.{field}: {config.model[field]!r} is not one of "

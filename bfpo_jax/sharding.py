@@ -177,7 +177,7 @@ def memory_report(cfg: MistralConfig, axis_sizes, *, mode="selective",
                   pattern=None, lora_rank=16, optimizer="adamw",
                   pairs_per_device=2, seq_len=1024, frozen_dtype=jnp.bfloat16,
                   compute_dtype=jnp.bfloat16, chunk_size=1024,
-                  rules=DEFAULT_RULES):
+                  remat_policy="full", rules=DEFAULT_RULES):
   """Bytes per device of a BFPO step, from shapes alone.
 
   Trainable leaves are float32 masters with a reference copy in
@@ -185,7 +185,9 @@ def memory_report(cfg: MistralConfig, axis_sizes, *, mode="selective",
   ``frozen_dtype``. The activation figure assumes per-block remat: the
   residual stream of every block for chosen+rejected, plus one block's
   working set (attention probabilities in float32 via the XLA path) and one
-  chunk of float32 logits. It is an estimate; measure on the device.
+  chunk of float32 logits; ``remat_policy="dots"`` adds every block's saved
+  matmul outputs (q, k, v, o, gate, up, down). It is an estimate; measure on
+  the device.
   """
   shapes = abstract_params(cfg)
   specs = param_specs(cfg, axis_sizes, rules)
@@ -219,6 +221,11 @@ def memory_report(cfg: MistralConfig, axis_sizes, *, mode="selective",
   attention = b * n_heads * t * t * 4
   activations = (cfg.num_hidden_layers * b * t * dim * act + block + attention
                  + chunk_size * cfg.vocab_size * 4 * 2)
+  if remat_policy == "dots":
+    tp, h = axis_sizes.get("tensor", 1), cfg.dim_per_head
+    per_shard = ((cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * h
+                 + 2 * cfg.intermediate_size) // tp
+    activations += cfg.num_hidden_layers * b * t * (per_shard + 2 * dim) * act
   report = {
       "params_frozen": total(frozen, frozen_dtype),
       "params_trainable_fp32": trainable_bytes,
@@ -255,15 +262,17 @@ def main(argv=None):
                       choices=["adamw", "rmsprop"])
   parser.add_argument("--pairs_per_device", type=int, default=2)
   parser.add_argument("--seq_len", type=int, default=1024)
+  parser.add_argument("--remat_policy", default="full", choices=["full", "dots"])
   args = parser.parse_args(argv)
   cfg = getattr(MistralConfig, args.model)()
   report = memory_report(cfg, args.mesh, mode=args.mode, pattern=args.pattern,
                          optimizer=args.optimizer,
                          pairs_per_device=args.pairs_per_device,
-                         seq_len=args.seq_len)
+                         seq_len=args.seq_len, remat_policy=args.remat_policy)
   mesh = ",".join(f"{k}={v}" for k, v in args.mesh.items())
   print(f"{args.model}, mesh {mesh}, {args.mode}, {args.optimizer}, "
-        f"{args.pairs_per_device} pairs x {args.seq_len} tokens per device")
+        f"{args.pairs_per_device} pairs x {args.seq_len} tokens per device, "
+        f"remat {args.remat_policy}")
   for key, value in report.items():
     print(f"  {key:24s} {value / 2**30:8.2f} GiB")
 

@@ -212,7 +212,8 @@ def run(config, workdir: str) -> dict:
       pairs_per_device=config.batch.per_device, seq_len=config.data.max_length,
       frozen_dtype=jnp.dtype(config.model.param_dtype),
       compute_dtype=jnp.dtype(config.model.dtype),
-      chunk_size=config.loss.chunk_size)
+      chunk_size=config.loss.chunk_size,
+      remat_policy=config.model.remat_policy)
   log = Logger(workdir, config.stage, steps, start, resumed)
   log.info(_summary(config, mesh, model_cfg, state, data, steps, memory))
   if reference_note:

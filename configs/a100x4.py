@@ -8,9 +8,13 @@ batch 32 = 2 per GPU x 4 accumulation x 4 GPUs, bf16, beta (tau) 0.01,
 alpha 0.5, b1 3, only every block's down_proj trains; data 30K UltraFeedback
 pairs (both safe) + 30K PKU-SafeRLHF pairs, prompts 512 / pairs 1024 tokens.
 
-Memory per device (python -m bfpo_jax.sharding --mesh fsdp=4): 12.6 GiB
-estimated -- 2.5 frozen bf16 params, 1.75 down_proj fp32 masters, 0.9
-reference copy, 3.5 Adam moments, 1.75 gradients, ~2.3 activations with remat.
+Memory per device (python -m bfpo_jax.sharding --model mistral_7b --mesh
+fsdp=4 --remat_policy dots): 23.1 GiB estimated -- 2.5 frozen bf16 params,
+1.75 down_proj fp32 masters, 0.9 reference copy, 3.5 Adam moments, 1.75
+gradients, ~12.8 activations. Remat keeps each block's matmul outputs
+("dots"), so the backward pass recomputes only attention scores: by the FLOP
+count of benchmarks/mfu.py that is ~22% fewer FLOPs per step than full remat
+(12.6 GiB per device; --config.model.remat_policy=full where memory is short).
 """
 
 from bfpo_jax.config import default_config
@@ -23,6 +27,7 @@ def get_config(stage="bfpo"):
   c.model.dtype = "bfloat16"
   c.model.param_dtype = "bfloat16"
   c.model.remat = True
+  c.model.remat_policy = "dots"
   c.model.attention_impl = "xla"  # "cudnn" for flash attention (right-padded)
   c.trainable.mode = "selective"  # paper: every block's mlp/down_proj
   c.data.sources = (

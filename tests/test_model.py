@@ -13,6 +13,7 @@ import transformers
 from bfpo_jax import model as M
 from bfpo_jax.model import generate as G
 from bfpo_jax.model import hf_io, tokenizer
+from bfpo_jax.model.config import REMAT_POLICIES
 
 VOCAB = 128
 
@@ -189,10 +190,11 @@ def test_remat_gives_same_gradients():
     return jnp.mean(jax.nn.log_softmax(M.apply(c, p, ids))[..., 5])
 
   plain = jax.grad(loss)(params, cfg)
-  remat = jax.jit(jax.grad(loss), static_argnums=1)(params,
-                                                    cfg.replace(remat=True))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), remat,
-               plain)
+  for policy in REMAT_POLICIES:
+    remat = jax.jit(jax.grad(loss), static_argnums=1)(
+        params, cfg.replace(remat=True, remat_policy=policy))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+                 remat, plain)
 
 
 def test_logical_axes_cover_every_param():

@@ -46,6 +46,14 @@ def test_memory_report_matches_hand_count_for_mistral_7b():
                                 mode="lora", lora_rank=8)
   assert lora["reference_copy"] == 0
   assert lora["params_frozen"] == (total_params - norms) * 2 // 4 + norms * 2
+  # remat "dots" keeps q (4096), k, v (1024 each), o (4096), gate, up
+  # (14336 each) and down (4096) per token per block: 2 x 4 x 1024 tokens in
+  # bf16 over 32 blocks.
+  dots = sharding.memory_report(cfg, {"data": 1, "fsdp": 4, "tensor": 1},
+                                remat_policy="dots")
+  per_token = 4096 + 2 * 1024 + 4096 + 2 * 14336 + 4096
+  assert (dots["activations_estimate"] - report["activations_estimate"]
+          == 32 * 4 * 1024 * per_token * 2)
 
 
 def test_memory_cli_prints(capsys):

@@ -172,6 +172,7 @@ def test_eight_fake_devices_match_one_device(tmp_path):
     (["--config.init_from=/no/such/run"], "init_from: model folder"),
     (["--config.stage=ppo"], "stage: 'ppo'"),
     (["--config.data.sources=('nonsense:x',)"], "data.sources"),
+    (["--config.model.remat_policy=some"], "model.remat_policy: 'some'"),
 ])
 def test_bad_configs_fail_fast_with_one_line(tmp_path, flags, message):
   proc = _cli(str(tmp_path / "bad"), *flags)

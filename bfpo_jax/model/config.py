@@ -8,6 +8,12 @@ from typing import Any
 import jax.numpy as jnp
 
 ATTENTION_IMPLS = ("xla", "cudnn")
+REMAT_POLICIES = ("full", "dots")
+"""What a rematerialised block keeps for the backward pass: ``full`` only its
+input (everything recomputed), ``dots`` also the outputs of its weight
+matmuls (q, k, v, o, gate, up, down; attention scores and elementwise ops
+recomputed): about 10x the residual stream per block, but the backward pass
+then recomputes almost no FLOPs."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +44,7 @@ class MistralConfig:
   dtype: Any = jnp.float32  # compute dtype of activations and matmuls
   param_dtype: Any = jnp.float32  # dtype of freshly initialised parameters
   remat: bool = False  # rematerialise each block in the backward pass
+  remat_policy: str = "full"  # with remat: full | dots (see REMAT_POLICIES)
   attention_impl: str = "xla"  # "xla" (any mask) or "cudnn" (GPU, right pad)
 
   def __post_init__(self):
@@ -48,6 +55,9 @@ class MistralConfig:
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, "
                        f"got {self.attention_impl!r}")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"remat_policy must be one of {REMAT_POLICIES}, got "
+                       f"{self.remat_policy!r}")
     if self.sliding_window is not None and self.sliding_window < 1:
       raise ValueError(f"sliding_window must be >= 1 or None, got "
                        f"{self.sliding_window}")

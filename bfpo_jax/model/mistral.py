@@ -234,8 +234,11 @@ class Mistral(nnx.Module):
     with jax.named_scope("embed"):
       x = jnp.take(self.embed_tokens.embedding[...], input_ids_BxT, axis=0)
       x = pin(x.astype(self.cfg.dtype), BTD)
-    run = (nnx.remat(_run_block, prevent_cse=True) if self.cfg.remat
-           else _run_block)
+    run = _run_block
+    if self.cfg.remat:
+      policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+                if self.cfg.remat_policy == "dots" else None)
+      run = nnx.remat(_run_block, prevent_cse=True, policy=policy)
     new_caches = []
     for i, block in enumerate(self.layers):
       x, cache = run(block, x, positions_BxT, key_valid_BxS, query_index_T,
