@@ -124,19 +124,14 @@ def compile_step(config, preset="mistral_7b", layers=0, devices=4):
   import jax
   import optax
   from jax.sharding import NamedSharding
+  from mfu import model_config
 
   from bfpo_jax import sharding
   from bfpo_jax import train_step as ts
   from bfpo_jax.build import step_config
-  from bfpo_jax.model import MistralConfig, abstract_params
+  from bfpo_jax.model import abstract_params
 
-  cfg = getattr(MistralConfig, preset)(
-      dtype=np.dtype(config.model.dtype),
-      param_dtype=np.dtype(config.model.param_dtype),
-      remat=config.model.remat, remat_policy=config.model.remat_policy,
-      attention_impl=config.model.attention_impl)
-  if layers:
-    cfg = cfg.replace(num_hidden_layers=layers)
+  cfg = model_config(config, preset, layers)
   m = config.mesh
   sizes = sharding.mesh_shape(m.data, m.fsdp, m.tensor, devices)
   mesh = sharding.make_mesh(**sizes, devices=jax.devices()[:int(np.prod(
@@ -170,22 +165,18 @@ def compile_step(config, preset="mistral_7b", layers=0, devices=4):
 
 
 def main(argv=None):
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  from mfu import add_model_flags, load_config
+  from profiling import write_json
+
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--config", default="configs/a100x4.py")
-  parser.add_argument("--preset", default="mistral_7b",
-                      choices=["mistral_7b", "tiny"])
-  parser.add_argument("--layers", type=int, default=0,
-                      help="override the layer count (compiles faster)")
+  add_model_flags(parser)
   parser.add_argument("--devices", type=int, default=4,
                       help="device count, where the config's mesh has a -1")
   parser.add_argument("--mesh", help="data,fsdp,tensor sizes instead of the "
                       "config's, e.g. 4,1,1")
   parser.add_argument("--json")
   args = parser.parse_args(argv)
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  from mfu import load_config
-  from profiling import write_json
-
   config = load_config(args.config)
   if args.mesh:
     sizes = [int(x) for x in args.mesh.split(",")]

@@ -83,13 +83,29 @@ def load_config(path):
   return module.get_config()
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_model_flags(parser):
+  """--config, --preset and --layers, shared with collectives.py."""
   parser.add_argument("--config", default="configs/a100x4.py")
   parser.add_argument("--preset", default="mistral_7b",
                       choices=["mistral_7b", "tiny"])
   parser.add_argument("--layers", type=int, default=0,
-                      help="override the layer count (to fit a smaller device)")
+                      help="override the layer count (to fit a smaller device "
+                      "or compile faster)")
+
+
+def model_config(config, preset, layers=0) -> MistralConfig:
+  """The ``preset`` architecture run as ``config.model`` says (dtype, remat)."""
+  cfg = getattr(MistralConfig, preset)(
+      dtype=np.dtype(config.model.dtype),
+      param_dtype=np.dtype(config.model.param_dtype),
+      remat=config.model.remat, remat_policy=config.model.remat_policy,
+      attention_impl=config.model.attention_impl)
+  return cfg.replace(num_hidden_layers=layers) if layers else cfg
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  add_model_flags(parser)
   parser.add_argument("--pairs_per_device", type=int, default=0)
   parser.add_argument("--seq_len", type=int, default=0)
   parser.add_argument("--warmup", type=int, default=2)
@@ -103,13 +119,7 @@ def main(argv=None):
 
   config = load_config(args.config)
   devices = jax.devices()
-  cfg = getattr(MistralConfig, args.preset)(
-      dtype=np.dtype(config.model.dtype), param_dtype=np.dtype(
-          config.model.param_dtype), remat=config.model.remat,
-      remat_policy=config.model.remat_policy,
-      attention_impl=config.model.attention_impl)
-  if args.layers:
-    cfg = cfg.replace(num_hidden_layers=args.layers)
+  cfg = model_config(config, args.preset, args.layers)
   pairs_per_device = args.pairs_per_device or config.batch.per_device
   seq_len = args.seq_len or config.data.max_length
   mesh = sharding.make_mesh(1, -1, 1)
