@@ -137,13 +137,18 @@ def sequence_logps(model_cfg, step_cfg, params, input_ids, attention_mask,
 
 
 def pair_logps(model_cfg, step_cfg, params, batch, mesh=None):
-  """Chosen and rejected [B] log-probs from one forward over [2B, T]."""
-  cat = lambda k: jnp.concatenate([batch[f"chosen_{k}"],  # noqa: E731
-                                   batch[f"rejected_{k}"]])
-  logps = sequence_logps(model_cfg, step_cfg, params, cat("input_ids"),
-                         cat("attention_mask"), cat("loss_mask"), mesh=mesh)
-  n = batch["chosen_input_ids"].shape[0]
-  return logps[:n], logps[n:]
+  """Chosen and rejected [B] log-probs from one forward over [2B, T].
+
+  Rows are interleaved (chosen 0, rejected 0, chosen 1, ...), so a device's
+  pairs stay on it: concatenating instead would move every row of half the
+  batch to another device.
+  """
+  both = lambda k: jnp.stack([batch[f"chosen_{k}"],  # noqa: E731
+                              batch[f"rejected_{k}"]], axis=1).reshape(
+                                  -1, batch[f"chosen_{k}"].shape[1])
+  logps = sequence_logps(model_cfg, step_cfg, params, both("input_ids"),
+                         both("attention_mask"), both("loss_mask"), mesh=mesh)
+  return logps[0::2], logps[1::2]
 
 
 def _pair_weights(batch):

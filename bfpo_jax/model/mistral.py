@@ -138,8 +138,8 @@ class Attention(nnx.Module):
     cfg = self.cfg
     b, t, _ = x_BxTxD.shape
     n, k, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.dim_per_head
-    heads, kv_heads = BTD[:2] + ("act_heads", None), BTD[:2] + ("act_kv_heads",
-                                                                 None)
+    heads = BTD[:2] + ("act_heads", None)
+    kv_heads = BTD[:2] + ("act_kv_heads", None)
     q_BxTxNxH = rope(pin(self.q_proj(x_BxTxD).reshape(b, t, n, h), heads),
                      positions_BxT, cfg.rope_theta)
     k_BxTxKxH = rope(pin(self.k_proj(x_BxTxD).reshape(b, t, k, h), kv_heads),
@@ -200,7 +200,7 @@ class Block(nnx.Module):
 
   def __call__(self, x, positions, key_valid, query_index, cache=None,
                segment_ids=None):
-    # Named scopes label the ops in profiles (benchmarks/profile_step.py).
+    # Named scopes label the ops in profiles (benchmarks/profiling.py).
     with jax.named_scope("attention"):
       attn, cache = self.self_attn(self.input_layernorm(x), positions,
                                    key_valid, query_index, cache, segment_ids)
