@@ -173,14 +173,11 @@ def main(argv=None):
   add_model_flags(parser)
   parser.add_argument("--devices", type=int, default=4,
                       help="device count, where the config's mesh has a -1")
-  parser.add_argument("--mesh", help="data,fsdp,tensor sizes instead of the "
-                      "config's, e.g. 4,1,1")
   parser.add_argument("--json")
   args = parser.parse_args(argv)
   config = load_config(args.config)
-  if args.mesh:
-    sizes = [int(x) for x in args.mesh.split(",")]
-    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = sizes
+  if args.mesh:  # instead of the config's
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = args.mesh
   compiled, cfg, mesh = compile_step(config, args.preset, args.layers,
                                      args.devices)
   result = {"config": args.config, "preset": args.preset,

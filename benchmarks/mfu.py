@@ -83,14 +83,23 @@ def load_config(path):
   return module.get_config()
 
 
+def _mesh_sizes(text):
+  sizes = tuple(int(x) for x in text.split(","))
+  if len(sizes) != 3:
+    raise argparse.ArgumentTypeError(f"--mesh wants data,fsdp,tensor, got {text!r}")
+  return sizes
+
+
 def add_model_flags(parser):
-  """--config, --preset and --layers, shared with collectives.py."""
+  """--config, --preset, --layers and --mesh, shared with collectives.py."""
   parser.add_argument("--config", default="configs/a100x4.py")
   parser.add_argument("--preset", default="mistral_7b",
                       choices=["mistral_7b", "tiny"])
   parser.add_argument("--layers", type=int, default=0,
                       help="override the layer count (to fit a smaller device "
                       "or compile faster)")
+  parser.add_argument("--mesh", type=_mesh_sizes,
+                      help="data,fsdp,tensor sizes (one may be -1), e.g. 4,1,1")
 
 
 def model_config(config, preset, layers=0) -> MistralConfig:
@@ -122,7 +131,7 @@ def main(argv=None):
   cfg = model_config(config, args.preset, args.layers)
   pairs_per_device = args.pairs_per_device or config.batch.per_device
   seq_len = args.seq_len or config.data.max_length
-  mesh = sharding.make_mesh(1, -1, 1)
+  mesh = sharding.make_mesh(*(args.mesh or (1, -1, 1)))
   pairs = pairs_per_device * len(devices)
   step_cfg = dataclasses.replace(step_config(config), accumulation_steps=1)
   param_shardings = sharding.named(mesh, sharding.param_specs(cfg, dict(mesh.shape)))
