@@ -22,9 +22,9 @@ import argparse
 import collections
 import os
 import re
-import sys
 
 import numpy as np
+import profiling
 
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all",
                "collective-permute")
@@ -95,9 +95,6 @@ def _trip_counts(blocks, entry):
 
 def collective_bytes(hlo_text):
   """Per-device bytes per step: ``{"by_kind": {...}, "by_part": {...}}``."""
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  import profiling
-
   blocks, entry = _computations(hlo_text)
   times = _trip_counts(blocks, entry)
   by_kind, by_part = collections.Counter(), collections.Counter()
@@ -123,7 +120,6 @@ def compile_step(config, preset="mistral_7b", layers=0, devices=4):
   """The config's jitted train step for ``preset``, compiled from shapes."""
   import jax
   import optax
-  from jax.sharding import NamedSharding
   from mfu import model_config
 
   from bfpo_jax import sharding
@@ -149,9 +145,8 @@ def compile_step(config, preset="mistral_7b", layers=0, devices=4):
       abstract, shardings)
   rows = config.batch.global_size
   t = config.data.max_length
-  batch_sharding = NamedSharding(mesh, sharding.batch_sharding(mesh).spec)
   spec = lambda shape, dtype: jax.ShapeDtypeStruct(  # noqa: E731
-      shape, dtype, sharding=batch_sharding)
+      shape, dtype, sharding=sharding.batch_sharding(mesh))
   batch = {}
   for side in ("chosen", "rejected"):
     batch[f"{side}_input_ids"] = spec((rows, t), np.int32)
@@ -165,9 +160,7 @@ def compile_step(config, preset="mistral_7b", layers=0, devices=4):
 
 
 def main(argv=None):
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  from mfu import add_model_flags, load_config
-  from profiling import write_json
+  from mfu import add_model_flags, load_config  # imports jax: not before main
 
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   add_model_flags(parser)
@@ -195,7 +188,7 @@ def main(argv=None):
   for key, value in result["by_part"].items():
     print(f"  {key:<30} {gib(value)}")
   if args.json:
-    write_json(result, args.json)
+    profiling.write_json(result, args.json)
 
 
 if __name__ == "__main__":

@@ -168,15 +168,8 @@ def main(argv=None):
     jax.block_until_ready(metrics)
     if i >= args.warmup:
       times.append(time.perf_counter() - tick)
-  if args.profile:  # separate steps: tracing slows the timed ones down
-
-    def run_steps():
-      out = state
-      for _ in range(3):
-        out, m = step(out, batch)
-      return jax.block_until_ready((out, m))
-
-    state, _ = profiling.trace(run_steps, args.profile, 3)
+  if args.profile:
+    profiling.trace(step, state, batch, args.profile)
   median = statistics.median(times)
   peak = args.peak_tflops * 1e12 or peak_flops(devices[0])
   result = {

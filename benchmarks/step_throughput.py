@@ -34,7 +34,6 @@ import time
 
 import profiling
 
-PROFILE_STEPS = 3
 SHAPE = dict(vocab_size=32000, hidden_size=256, intermediate_size=768,
              num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
              pairs=4, seq_len=256, prompt_len=64, chunk_size=256)
@@ -91,15 +90,8 @@ def time_jax(shape, warmup, reps, profile_dir=None, remat="none"):
     jax.block_until_ready((state, metrics))
     if i >= warmup:
       times.append(time.perf_counter() - tick)
-  if profile_dir:  # separate steps: tracing slows the timed ones down
-
-    def run_steps():
-      out = state
-      for _ in range(PROFILE_STEPS):
-        out, m = step(out, batch)
-      return jax.block_until_ready((out, m))
-
-    profiling.trace(run_steps, profile_dir, PROFILE_STEPS)
+  if profile_dir:
+    profiling.trace(step, state, batch, profile_dir)
   return times, float(metrics["loss"])
 
 
