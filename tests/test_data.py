@@ -1,4 +1,4 @@
-"""Data pipeline: real-schema fixtures, exact token layouts, bad input, grain."""
+"""Data pipeline: real-schema fixtures, subsets, bad input, reports, grain."""
 
 import json
 import os
@@ -11,23 +11,18 @@ import pytest
 from bfpo_jax.data import pipeline
 from bfpo_jax.data.__main__ import main as data_cli
 from bfpo_jax.data.sources import DataError, SourceSpec, load_records, to_record
-from bfpo_jax.data.tokenize import ChatTokenizer, tokenize_pair, tokenize_sft
 from bfpo_jax.model.tokenizer import load_tokenizer
 
 TINY = os.path.join(os.path.dirname(pipeline.__file__), "tiny")
 FILES = {"ultrachat": "ultrachat_200k.jsonl",
          "ultrafeedback": "ultrafeedback_binarized.jsonl",
-         "pku_saferlhf": "pku_saferlhf.jsonl", "redteam": "redteam.json"}
+         "pku_saferlhf": "pku_saferlhf.jsonl", "redteam": "redteam.json",
+         "redteam_responses": "redteam_responses.json"}
 
 
 @pytest.fixture(scope="module")
 def tok():
   return load_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def chat(tok):
-  return ChatTokenizer(tok)
 
 
 def _write_jsonl(path, rows):
@@ -48,6 +43,11 @@ def test_fixtures_in_real_schemas_load_completely():
     assert report.rows_read == report.rows_kept == len(records) == 48, kind
     assert not report.skipped
   records, report = load_records(_spec("redteam", "redteam"))
+  assert report.rows_read == report.records == len(records) == 24
+  groups = {(r["chosen_is_safe"], r["rejected_is_safe"]) for r in records}
+  assert len(groups) == 4
+  records, report = load_records(_spec("redteam_responses",
+                                       "redteam_responses"))
   assert report.rows_read == 32 and report.records == len(records) == 16
   assert all(r["chosen_is_safe"] and not r["rejected_is_safe"] for r in records)
 
@@ -79,6 +79,87 @@ def test_ultrafeedback_prompt_is_the_message_history():
   assert [m["content"] for m in rec["prompt"]] == ["a", "b", "c"]
   assert (rec["chosen"], rec["rejected"]) == ("good", "bad")
   assert rec["chosen_is_safe"] and rec["rejected_is_safe"]
+
+
+def _redteam_row(better, safe1, safe2, **change):
+  row = {"prompt": "How do I pick a lock?", "modeloutput1": "output one",
+         "modeloutput2": "output two", "better_modelout": better,
+         "is_modelout1_safe": safe1, "is_modelout2_safe": safe2}
+  return dict(row, **change)
+
+
+def test_redteam_rows_in_the_reference_schema(tmp_path):
+  rows = [_redteam_row(1, True, True), _redteam_row(2, True, False),
+          _redteam_row(1, True, False), _redteam_row("2", False, False),
+          _redteam_row(2, 0, 1),  # 0/1 flags, read as the reference does
+          _redteam_row(3, True, True),  # no third output
+          _redteam_row(1, "yes", True)]
+  path = tmp_path / "redteam.json"
+  path.write_text(json.dumps(rows))
+  records, report = load_records(SourceSpec("redteam", str(path)))
+  chosen = [(r["chosen"], r["chosen_is_safe"], r["rejected"],
+             r["rejected_is_safe"]) for r in records]
+  one, two = "output one", "output two"
+  assert chosen == [(one, True, two, True), (two, False, one, True),
+                    (one, True, two, False), (two, False, one, False),
+                    (two, True, one, False)]
+  # All four (chosen_is_safe, rejected_is_safe) groups occur.
+  assert {(c[1], c[3]) for c in chosen} == {(True, True), (True, False),
+                                            (False, True), (False, False)}
+  assert dict(report.skipped) == {"bad_response_index": 1,
+                                  "bad_safety_flag": 1}
+  lines = tmp_path / "redteam_lines.json"  # JSON lines in a .json file
+  lines.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+  assert len(load_records(SourceSpec("redteam", str(lines)))[0]) == 2
+
+
+def test_source_options_and_their_errors():
+  spec = SourceSpec.parse("pku_saferlhf:PKU-Alignment/PKU-SafeRLHF?revision=abc"
+                          "&take=0.2&split=test", revision="run-wide", limit=7)
+  assert (spec.kind, spec.path, spec.revision, spec.take, spec.split,
+          spec.limit) == ("pku_saferlhf", "PKU-Alignment/PKU-SafeRLHF", "abc",
+                          0.2, "test", 7)
+  assert SourceSpec.parse("ultrachat:x", revision="r").revision == "r"
+  assert SourceSpec.parse("ultrachat:x?take=30000").take == 30000
+  for bad, message in (("ultrachat:x?size=3", "not one of revision"),
+                       ("ultrachat:x?take=1.5", r"fraction must be in \(0, 1\]"),
+                       ("ultrachat:x?take=0", "count must be >= 1"),
+                       ("ultrachat:x?take=most", "expected a fraction"),
+                       ("ultrachat", "expected KIND:PATH")):
+    with pytest.raises(DataError, match=message):
+      SourceSpec.parse(bad)
+
+
+@pytest.mark.parametrize("take", [0.3, 0.999, 1.0, 5, 1000])
+def test_take_is_the_first_rows_shuffled_as_datasets_does(tmp_path, take):
+  import datasets
+
+  rows = [dict(GOOD, prompt=f"question {i}") for i in range(23)]
+  path = _write_jsonl(tmp_path / "p.jsonl", rows)
+  records, report = load_records(SourceSpec.parse(
+      f"preference_jsonl:{path}?take={take}"))
+  # The reference: select(range(int(frac * len))) then shuffle(seed=42).
+  n = int(take * len(rows)) if isinstance(take, float) else min(take, 23)
+  expected = datasets.Dataset.from_list(rows).select(range(n)).shuffle(seed=42)
+  assert [r["prompt"][0]["content"] for r in records] == expected["prompt"]
+  assert (report.rows_total, report.rows_read) == (23, n)
+
+
+def test_each_source_pins_its_own_revision(monkeypatch):
+  import datasets
+
+  calls = []
+
+  def fake_load_dataset(path, split=None, revision=None):
+    calls.append((path, split, revision))
+    return [GOOD]
+
+  monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+  for text in ("preference_jsonl:org/pairs?revision=abc123&split=test",
+               "preference_jsonl:org/other"):
+    load_records(SourceSpec.parse(text, revision="run-wide"))
+  assert calls == [("org/pairs", "test", "abc123"),
+                   ("org/other", "train", "run-wide")]
 
 
 GOOD = {"prompt": "p", "chosen": "a", "rejected": "b", "chosen_is_safe": True,
@@ -157,64 +238,38 @@ def test_cli_report(tmp_path, capsys):
   assert "null_field=1" in capsys.readouterr().out
 
 
-# ------------------------------------------------------------- tokenization
+def test_cli_dump_writes_what_the_model_sees(tmp_path, tok):
+  from bfpo_jax.data.tokenize import ChatTokenizer, tokenize_pair, tokenize_sft
 
-
-def test_pair_layout_equals_whole_text_zephyr_tokenization(tok, chat):
-  record = {"prompt": [{"role": "system", "content": "Be brief."},
-                       {"role": "user", "content": "Name a prime."}],
-            "chosen": "Seven.", "rejected": "Nine is prime.",
-            "chosen_is_safe": True, "rejected_is_safe": True}
-  ex = tokenize_pair(chat, record, max_prompt_length=512, max_length=1024)
-  prompt_text = ("<|system|>\nBe brief.</s>\n<|user|>\nName a prime.</s>\n"
-                 "<|assistant|>\n")
-  for side, response in (("chosen", "Seven."), ("rejected", "Nine is prime.")):
-    whole = [1] + tok(prompt_text + response + "</s>",
-                      add_special_tokens=False).input_ids
-    assert ex[f"{side}_ids"] == whole
-  prompt_ids = [1] + tok(prompt_text, add_special_tokens=False).input_ids
-  assert ex["prompt_length"] == len(prompt_ids)
-  assert ex["chosen_ids"][: ex["prompt_length"]] == prompt_ids
-  assert ex["chosen_ids"][0] == tok.bos_token_id
-  assert ex["chosen_ids"][-1] == ex["rejected_ids"][-1] == tok.eos_token_id
-
-
-def test_user_text_cannot_inject_special_tokens(chat):
-  record = {"prompt": [{"role": "user", "content": "say </s> please"}],
-            "chosen": "ok </s> done",
-            "rejected": "no", "chosen_is_safe": True, "rejected_is_safe": True}
-  ex = tokenize_pair(chat, record)
-  eos_positions = [i for i, t in enumerate(ex["chosen_ids"]) if t == chat.eos_id]
-  # Exactly two EOS: after the user turn and at the very end.
-  assert len(eos_positions) == 2 and eos_positions[-1] == len(ex["chosen_ids"]) - 1
-
-
-def test_truncation_keeps_bos_and_prompt_end(chat):
-  long_prompt = " ".join(f"word{i}" for i in range(200))
-  user = [{"role": "user", "content": long_prompt}]
-  record = dict(GOOD, prompt=user, chosen="x " * 100)
-  full = chat.encode_prompt([{"role": "user", "content": long_prompt}])
-  ex = tokenize_pair(chat, record, max_prompt_length=32, max_length=48)
-  assert ex["prompt_length"] == 32
-  assert ex["chosen_ids"][0] == chat.bos_id
-  assert ex["chosen_ids"][1:32] == full[-31:]
-  assert len(ex["chosen_ids"]) == 48  # response cut on the right
-  with pytest.raises(Exception, match="no_room_for_response"):
-    tokenize_pair(chat, dict(GOOD, prompt=user), max_prompt_length=64,
-                  max_length=64)
-
-
-def test_sft_mask_covers_assistant_turns_only(tok, chat):
-  msgs = [{"role": "user", "content": "Hi"},
-          {"role": "assistant", "content": "Hello!"},
-          {"role": "user", "content": "Bye"},
-          {"role": "assistant", "content": "See you."}]
-  ex = tokenize_sft(chat, {"messages": msgs})
-  text = "<|user|>\nHi</s>\n<|assistant|>\nHello!</s>\n<|user|>\nBye</s>\n" \
-         "<|assistant|>\nSee you.</s>"
-  assert ex["input_ids"] == [1] + tok(text, add_special_tokens=False).input_ids
-  trained = tok.decode([t for t, m in zip(ex["input_ids"], ex["loss_mask"]) if m])
-  assert trained.replace(" ", "") == "Hello!</s>Seeyou.</s>"
+  pairs = _write_jsonl(tmp_path / "pairs.jsonl", [
+      dict(GOOD, prompt="p " * 60, chosen="long " * 80, rejected="b"), GOOD])
+  chats = os.path.join(TINY, FILES["ultrachat"])
+  out = tmp_path / "dump.jsonl"
+  assert data_cli(["--source", f"preference_jsonl:{pairs}", "--source",
+                   f"ultrachat:{chats}?take=2", "--dump", str(out),
+                   "--max_length", "64", "--max_prompt_length", "24"]) == 0
+  dumped = [json.loads(line) for line in out.read_text().splitlines()]
+  assert len(dumped) == 4
+  records, _ = load_records(SourceSpec("preference_jsonl", pairs))
+  chat = ChatTokenizer(tok)
+  for row, record in zip(dumped, records):
+    ex = tokenize_pair(chat, record, max_prompt_length=24, max_length=64)
+    n = ex["prompt_length"]
+    assert row == {
+        "prompt_input_ids": ex["chosen_ids"][:n],
+        "chosen_input_ids": ex["chosen_ids"][n:],
+        "rejected_input_ids": ex["rejected_ids"][n:],
+        "chosen_labels_mask": [1] * (len(ex["chosen_ids"]) - n),
+        "rejected_labels_mask": [1] * (len(ex["rejected_ids"]) - n),
+        "chosen_is_safe": True, "rejected_is_safe": False}
+  # The long pair was cut as trl cuts it: prompt 24, responses 64 - 24.
+  assert len(dumped[0]["prompt_input_ids"]) == 24
+  assert len(dumped[0]["chosen_input_ids"]) == 40
+  sft, _ = load_records(SourceSpec.parse(f"ultrachat:{chats}?take=2"))
+  for row, record in zip(dumped[2:], sft):
+    ex = tokenize_sft(chat, record, max_length=64)
+    assert row == {"input_ids": ex["input_ids"],
+                   "loss_mask": [int(m) for m in ex["loss_mask"]]}
 
 
 # ------------------------------------------------------------------- grain
@@ -298,6 +353,35 @@ def test_buffer_stream_rides_along(tok, pref_examples):
   np.testing.assert_array_equal(batch["buffer"]["input_ids"],
                                 buffer[3]["input_ids"])
   assert batch["chosen_input_ids"].shape[0] == 4
+
+
+def test_pack_stream_is_trls_constant_length_packing():
+  examples = [[{"input_ids": [10 * k + i for i in range(n)],
+                "loss_mask": [False] + [True] * (n - 1)}
+               for k, n in enumerate((5, 7, 3, 9))],
+              [{"input_ids": [100 + i for i in range(6)],
+                "loss_mask": [True] * 6}]]
+  rows = pipeline.pack_stream(examples, 8, seed=3)
+  flat = [e for source in examples for e in source]
+  order = np.random.default_rng(3).permutation(len(flat))
+  stream = [t for i in order for t in flat[i]["input_ids"]]
+  assert [r["input_ids"] for r in rows] == [stream[:8], stream[8:16],
+                                            stream[16:24]]  # 30 tokens: 6 dropped
+  assert all(r["loss_mask"] == [True] * 8 for r in rows)
+  batch = pipeline.collate_sft(rows, buckets=(8,), pad_id=0)
+  assert "segment_ids" not in batch and batch["attention_mask"].all()
+
+
+def test_preference_buffer_stream_has_its_own_pairs(pref_examples):
+  safety, helpful = pref_examples[1], pref_examples[0]
+  main = pipeline.batches([safety], task="preference", global_batch=4)
+  buffer = pipeline.batches([helpful], task="preference", global_batch=4,
+                            seed=1)
+  batch = pipeline.with_buffer(main, buffer)[2]
+  assert batch["buffer"]["chosen_input_ids"].shape[0] == 4
+  np.testing.assert_array_equal(batch["buffer"]["chosen_input_ids"],
+                                buffer[2]["chosen_input_ids"])
+  assert batch["buffer"]["chosen_is_safe"].all()  # UltraFeedback: both safe
 
 
 def test_pack_sft_keeps_every_example_once(tok):

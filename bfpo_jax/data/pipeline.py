@@ -16,22 +16,32 @@ import grain
 import numpy as np
 
 from bfpo_jax.data.sources import DataError, Skip, SourceSpec, load_records
-from bfpo_jax.data.tokenize import ChatTokenizer, tokenize_pair, tokenize_sft
+from bfpo_jax.data.tokenize import (
+    SFT_LOSSES,
+    TEMPLATES,
+    TRUNCATIONS,
+    ChatTokenizer,
+    tokenize_pair,
+    tokenize_sft,
+)
 
 MIXTURES = ("concat", "weighted")
+PACK_MODES = ("stream", "examples")
 
 
-def _tokenize_chunk(tokenizer, task, max_prompt_length, max_length, records):
-  chat = ChatTokenizer(tokenizer)
+def _tokenize_chunk(tokenizer, task, options, records):
+  chat = ChatTokenizer(tokenizer, options["template"])
   out = []
   for record in records:
     try:
       if task == "sft":
-        out.append(tokenize_sft(chat, record, max_length=max_length))
+        out.append(tokenize_sft(chat, record, max_length=options["max_length"],
+                                loss=options["sft_loss"]))
       else:
-        out.append(tokenize_pair(chat, record,
-                                 max_prompt_length=max_prompt_length,
-                                 max_length=max_length))
+        out.append(tokenize_pair(
+            chat, record, max_prompt_length=options["max_prompt_length"],
+            max_length=options["max_length"],
+            truncation=options["truncation"]))
     except Skip as s:
       out.append(s.args[0])
   return out
@@ -57,34 +67,44 @@ def token_length_stats(examples, task):
 
 
 def prepare(specs: list[SourceSpec], tokenizer, *, task: str,
-            max_prompt_length=512, max_length=1024, seed=0, num_workers=0):
+            max_prompt_length=512, max_length=1024, seed=0, num_workers=0,
+            template="reference", truncation="trl", sft_loss="all"):
   """Reads, validates and tokenizes sources for one task.
 
   Args:
     specs: the sources; each must serve ``task``.
     tokenizer: a ``transformers`` tokenizer (Zephyr template applied here).
     task: ``"preference"`` or ``"sft"``.
-    max_prompt_length: prompt tokens kept (from the right, BOS kept).
-    max_length: tokens of prompt + response.
+    max_prompt_length: prompt tokens kept when a pair is too long.
+    max_length: tokens of prompt + response (an SFT example: None = uncut).
     seed: seed of each source's ``limit`` subsample.
     num_workers: processes for tokenization (0: in this process).
+    template: ``reference`` or ``generation`` (see ``data.tokenize``).
+    truncation: ``trl`` or ``prompt_first`` (see ``data.tokenize``).
+    sft_loss: ``all`` or ``assistant`` tokens in an SFT example's loss.
 
   Returns:
     ``(examples_by_source, report)``: lists of tokenized examples, and a dict
     per source name with rows read/kept/used, skips by reason and token
     length statistics.
   """
+  for name, value, allowed in (("template", template, TEMPLATES),
+                               ("truncation", truncation, TRUNCATIONS),
+                               ("sft_loss", sft_loss, SFT_LOSSES)):
+    if value not in allowed:
+      raise DataError(f"{name} must be one of {allowed}, got {value!r}")
   if task == "preference" and max_prompt_length >= max_length:
     raise DataError(f"max_prompt_length ({max_prompt_length}) must be below "
                     f"max_length ({max_length})")
+  options = dict(template=template, truncation=truncation, sft_loss=sft_loss,
+                 max_prompt_length=max_prompt_length, max_length=max_length)
   examples_by_source, report = [], {}
   for spec in specs:
     if spec.task != task:
       raise DataError(f"{spec.path}: source is for the {spec.task!r} task, "
                       f"this stage needs {task!r}")
     records, source_report = load_records(spec, seed)
-    fn = functools.partial(_tokenize_chunk, tokenizer, task, max_prompt_length,
-                           max_length)
+    fn = functools.partial(_tokenize_chunk, tokenizer, task, options)
     if num_workers and len(records) > 2000:
       chunks = [records[i:i + 1000] for i in range(0, len(records), 1000)]
       with concurrent.futures.ProcessPoolExecutor(num_workers) as pool:
@@ -163,6 +183,24 @@ def collate_sft(examples, *, buckets, pad_id):
       segments[i, : len(e["segment_ids"])] = e["segment_ids"]
     batch["segment_ids"] = segments
   return batch
+
+
+def pack_stream(examples_by_source, max_length, seed=0):
+  """Packs SFT examples as the reference's trl ``ConstantLengthDataset``.
+
+  All examples, in one seeded random order, are concatenated into a single
+  token stream and cut into rows of exactly ``max_length`` tokens; the last,
+  shorter row is dropped. Attention and positions run across example
+  boundaries and every token is trained (labels = inputs), as in the
+  reference. (trl drops a short remainder once per buffer of ~2M tokens
+  rather than once at the end.)
+  """
+  examples = [e for source in examples_by_source for e in source]
+  stream = [t for i in np.random.default_rng(seed).permutation(len(examples))
+            for t in examples[i]["input_ids"]]
+  return [{"input_ids": stream[start:start + max_length],
+           "loss_mask": [True] * max_length}
+          for start in range(0, len(stream) - max_length + 1, max_length)]
 
 
 def pack_sft(examples, max_length, seed=0):

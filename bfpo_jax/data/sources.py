@@ -18,22 +18,27 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import glob
 import json
-import os
 
 import numpy as np
 
+from bfpo_jax.data.readers import DataError, read_rows
+
 KINDS = ("ultrachat", "ultrafeedback", "pku_saferlhf", "redteam",
-         "preference_jsonl", "sft_jsonl")
+         "redteam_responses", "preference_jsonl", "sft_jsonl")
 TASKS = ("preference", "sft")
 ROLES = ("system", "user", "assistant")
 SKIP_REASONS = ("missing_field", "null_field", "bad_messages", "empty_prompt",
                 "empty_response", "bad_safety_flag", "bad_response_index",
-                "identical_responses", "no_pair", "no_room_for_response")
-# Hub defaults: split of each dataset the paper uses.
-DEFAULT_SPLITS = {"ultrachat": "train_sft", "ultrafeedback": "train_prefs",
-                  "pku_saferlhf": "train"}
+                "identical_responses", "no_pair", "no_room_for_response",
+                "prompt_merges_with_response")
+# What the skips above mean for a user comparing against the reference.
+FILTER_NOTE = ("rows skipped here are this port's filters (malformed or empty "
+               "fields, identical responses); the reference trainer keeps such "
+               "rows")
+# The reference's row order after its subset: datasets' shuffle(seed=42).
+TAKE_SHUFFLE_SEED = 42
+SPEC_OPTIONS = ("revision", "split", "take")
 DEFAULT_TASKS = {"ultrachat": "sft", "sft_jsonl": "sft"}
 REQUIRED = {
     ("ultrachat", "sft"): ("messages",),
@@ -45,18 +50,38 @@ REQUIRED = {
                                      "is_response_1_safe"),
     ("pku_saferlhf", "sft"): ("prompt", "response_0", "response_1",
                               "safer_response_id"),
-    ("redteam", "preference"): ("prompt", "response", "is_safe"),
+    ("redteam", "preference"): ("prompt", "modeloutput1", "modeloutput2",
+                                "better_modelout", "is_modelout1_safe",
+                                "is_modelout2_safe"),
+    ("redteam_responses", "preference"): ("prompt", "response", "is_safe"),
     ("preference_jsonl", "preference"): ("prompt", "chosen", "rejected",
                                          "chosen_is_safe", "rejected_is_safe"),
 }
 
 
-class DataError(ValueError):
-  """A source that cannot be used at all (one line, names the file)."""
-
-
 class Skip(Exception):  # noqa: N818 -- control flow, not an error
   """A row that is skipped; ``args[0]`` is one of SKIP_REASONS."""
+
+
+def parse_take(value) -> float | int | None:
+  """``take``: a fraction in (0, 1] (``0.2``) or a count >= 1 (``30000``)."""
+  if value is None or isinstance(value, int | float) and not isinstance(
+      value, bool):
+    number = value
+  else:
+    text = str(value).strip()
+    try:
+      number = float(text) if any(c in text for c in ".eE") else int(text)
+    except ValueError:
+      raise DataError(f"take={value!r}: expected a fraction like 0.2 or a "
+                      "count like 30000") from None
+  if number is None:
+    return None
+  if isinstance(number, float) and not 0.0 < number <= 1.0:
+    raise DataError(f"take={value!r}: a fraction must be in (0, 1]")
+  if isinstance(number, int) and number < 1:
+    raise DataError(f"take={value!r}: a count must be >= 1")
+  return number
 
 
 @dataclasses.dataclass
@@ -68,6 +93,7 @@ class SourceSpec:
   task: str | None = None  # preference | sft; None: the kind's default
   split: str | None = None
   revision: str | None = None  # hub revision (commit/tag) to pin
+  take: float | int | None = None  # the first fraction/count of the rows
   limit: int | None = None  # use at most this many records (seeded subset)
   weight: float = 1.0  # sampling weight in a weighted mixture
   name: str | None = None  # label in reports; default kind:path
@@ -80,15 +106,30 @@ class SourceSpec:
     if (self.kind, self.task) not in REQUIRED:
       raise DataError(f"{self.path}: source kind {self.kind!r} cannot serve "
                       f"the {self.task!r} task")
+    self.take = parse_take(self.take)
     self.name = self.name or f"{self.kind}:{self.path}"
 
   @classmethod
   def parse(cls, text: str, **defaults) -> SourceSpec:
-    """``KIND:PATH_OR_HUB_NAME``, as the data CLI takes it."""
-    kind, sep, path = text.partition(":")
+    """``KIND:PATH_OR_HUB_NAME[?revision=R&split=S&take=T]``.
+
+    Options after ``?`` are this source's own and win over ``defaults``
+    (e.g. a run-wide revision); ``take`` is a fraction (``0.2``) or a count.
+    The report names the source by the whole text.
+    """
+    kind, sep, rest = text.partition(":")
+    path, _, query = rest.partition("?")
     if not sep or not path:
-      raise DataError(f"--source {text!r}: expected KIND:PATH_OR_HUB_NAME")
-    return cls(kind=kind, path=path, **defaults)
+      raise DataError(f"source {text!r}: expected KIND:PATH_OR_HUB_NAME")
+    options = {}
+    for item in filter(None, query.split("&")):
+      key, eq, value = item.partition("=")
+      if key not in SPEC_OPTIONS or not eq or not value:
+        raise DataError(f"source {text!r}: option {item!r} is not one of "
+                        f"{', '.join(o + '=VALUE' for o in SPEC_OPTIONS)}")
+      options[key] = value
+    return cls(kind=kind, path=path, **{**defaults, **options,
+                                         "name": defaults.get("name") or text})
 
 
 @dataclasses.dataclass
@@ -101,6 +142,7 @@ class SourceReport:
   """
 
   name: str
+  rows_total: int = 0  # rows in the split, before ``take``
   rows_read: int = 0
   rows_kept: int = 0  # rows that became (part of) a record
   records: int = 0  # records made (a red-team pair uses two rows)
@@ -112,97 +154,11 @@ class SourceReport:
     self.skipped[reason] += 1
 
   def as_dict(self):
-    return {"rows_read": self.rows_read, "rows_kept": self.rows_kept,
-            "records": self.records, "rows_used": self.rows_used,
-            "rows_skipped": dict(sorted(self.skipped.items()))}
-
-
-# --------------------------------------------------------------------------- #
-# Reading rows
-# --------------------------------------------------------------------------- #
-
-
-def _read_jsonl(path):
-  rows = []
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-      if not isinstance(row, dict):
-        raise DataError(f"{path}:{lineno}: expected a JSON object per line")
-      rows.append(row)
-  return rows
-
-
-def _read_json(path):
-  with open(path, encoding="utf-8") as f:
-    try:
-      data = json.load(f)
-    except json.JSONDecodeError as e:
-      raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})"
-                      ) from None
-  if isinstance(data, dict) and isinstance(data.get("data"), list):
-    data = data["data"]
-  if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-    raise DataError(f"{path}: expected a JSON list of objects")
-  return data
-
-
-def _read_parquet(path):
-  import pyarrow.parquet as pq
-
-  try:
-    return pq.read_table(path).to_pylist()
-  except Exception as e:  # pyarrow raises several types for corrupt files
-    raise DataError(f"{path}: not a readable parquet file ({e})") from None
-
-
-_READERS = {".jsonl": _read_jsonl, ".json": _read_json,
-            ".parquet": _read_parquet}
-
-
-def _local_files(path, split):
-  if os.path.isfile(path):
-    return [path]
-  files = sorted(f for ext in _READERS
-                 for f in glob.glob(os.path.join(path, "**", f"*{ext}"),
-                                    recursive=True))
-  if split:
-    matching = [f for f in files if split in os.path.basename(f)]
-    files = matching or files
-  if not files:
-    raise DataError(f"{path}: no .jsonl, .json or .parquet files")
-  return files
-
-
-def read_rows(spec: SourceSpec) -> list[dict]:
-  """Rows of a local file/folder, or of a hub dataset when online."""
-  if os.path.exists(spec.path):
-    rows = []
-    for file in _local_files(spec.path, spec.split):
-      ext = os.path.splitext(file)[1]
-      if ext not in _READERS:
-        raise DataError(f"{file}: unsupported file type {ext!r} "
-                        "(use .jsonl, .json or .parquet)")
-      rows.extend(_READERS[ext](file))
-    return rows
-  if spec.path.startswith((".", "/", "~")) or spec.path.endswith(
-      tuple(_READERS)):
-    raise DataError(f"{spec.path}: file does not exist")
-  import datasets
-
-  split = spec.split or DEFAULT_SPLITS.get(spec.kind, "train")
-  try:
-    ds = datasets.load_dataset(spec.path, split=split, revision=spec.revision)
-  except Exception as e:  # network, missing dataset or split: one line
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise DataError(f"{spec.path}: cannot load split {split!r} from the hub "
-                    f"({first})") from None
-  return list(ds)
+    return {"rows_total": self.rows_total, "rows_read": self.rows_read,
+            "rows_kept": self.rows_kept, "records": self.records,
+            "rows_used": self.rows_used,
+            "rows_skipped": dict(sorted(self.skipped.items())),
+            "filters": FILTER_NOTE}
 
 
 # --------------------------------------------------------------------------- #
@@ -232,12 +188,21 @@ def _flag(value):
   return bool(value)
 
 
-def _index(value):
+def _index(value, valid=(0, 1)):
+  if isinstance(value, str) and value.strip().isdigit():
+    value = int(value)  # the reference reads red-team ids with int()
   if isinstance(value, bool) or not isinstance(value, int | np.integer):
     raise Skip("bad_response_index")
-  if value not in (0, 1):
+  if value not in valid:
     raise Skip("bad_response_index")
   return int(value)
+
+
+def _truthy_flag(value):
+  """A red-team safety flag: bool, or 0/1 (the reference reads it as truthy)."""
+  if isinstance(value, int | np.integer) and value in (0, 1):
+    return bool(value)
+  return _flag(value)
 
 
 def _messages(value, *, final_role=None):
@@ -314,6 +279,13 @@ def to_record(kind: str, task: str, row: dict) -> dict:
     safe = [_flag(_field(row, f"is_response_{i}_safe")) for i in (0, 1)]
     return _pair(prompt, responses[better], responses[1 - better], safe[better],
                  safe[1 - better])
+  if kind == "redteam":  # the reference's zephyr-7b-beta_beaver_redteaming.json
+    prompt = _prompt(_field(row, "prompt"))
+    better = _index(_field(row, "better_modelout"), valid=(1, 2))
+    outputs = {i: _response(_field(row, f"modeloutput{i}")) for i in (1, 2)}
+    safe = {i: _truthy_flag(_field(row, f"is_modelout{i}_safe")) for i in (1, 2)}
+    return _pair(prompt, outputs[better], outputs[3 - better], safe[better],
+                 safe[3 - better])
   if kind == "preference_jsonl":
     return _pair(_prompt(_field(row, "prompt")),
                  _response(_field(row, "chosen")),
@@ -323,8 +295,9 @@ def to_record(kind: str, task: str, row: dict) -> dict:
   raise DataError(f"no row adapter for kind {kind!r}")
 
 
-def _redteam_records(rows, report):
-  """Red-team rows (prompt, response, is_safe) -> safe-over-unsafe pairs.
+def _response_records(rows, report):
+  """Single-response rows (prompt, response, is_safe) -> safe-over-unsafe
+  pairs (kind ``redteam_responses``).
 
   Responses to the same prompt are paired: each unsafe response is the
   rejected side of a pair whose chosen side is a safe response to that prompt
@@ -358,23 +331,39 @@ def _redteam_records(rows, report):
   return records
 
 
+def take_rows(rows, take):
+  """The reference's subset: the first ``take`` rows (a fraction is floored,
+  ``select(range(int(frac * len)))``), shuffled as datasets'
+  ``shuffle(seed=42)`` shuffles them."""
+  if take is None:
+    return rows
+  n = int(take * len(rows)) if isinstance(take, float) else min(take, len(rows))
+  order = np.random.default_rng(TAKE_SHUFFLE_SEED).permutation(n)
+  return [rows[i] for i in order]
+
+
 def load_records(spec: SourceSpec, seed: int = 0):
-  """Reads, validates and (with ``limit``) subsamples one source.
+  """Reads, validates and subsamples one source.
+
+  ``take`` keeps the reference's subset (:func:`take_rows`) before
+  validation; ``limit`` then draws a seeded random choice of that many kept
+  records, in their order.
 
   Returns:
-    ``(records, report)``. The subsample is a seeded random choice of
-    ``limit`` kept records, in their original order.
+    ``(records, report)``.
   """
   rows = read_rows(spec)
-  report = SourceReport(spec.name, rows_read=len(rows))
+  rows_total = len(rows)
+  rows = take_rows(rows, spec.take)
+  report = SourceReport(spec.name, rows_total=rows_total, rows_read=len(rows))
   if rows:
     present = set().union(*(r.keys() for r in rows))
     missing = [c for c in REQUIRED[(spec.kind, spec.task)] if c not in present]
     if missing:
       raise DataError(f"{spec.path}: required column(s) {', '.join(missing)} "
                       f"missing for kind {spec.kind!r}")
-  if spec.kind == "redteam":
-    records = _redteam_records(rows, report)
+  if spec.kind == "redteam_responses":
+    records = _response_records(rows, report)
   else:
     records = []
     for row in rows:
