@@ -22,6 +22,14 @@ import jax.numpy as jnp
 SAFETY_GROUPS = ("safe_safe", "safe_unsafe", "unsafe_safe", "unsafe_unsafe")
 """Names of the four (chosen_is_safe, rejected_is_safe) groups, in metric keys."""
 
+GROUP_COUNTS = {
+    **{group: (f"count/{group}",) for group in SAFETY_GROUPS},
+    "chosen/safe": ("count/safe_safe", "count/safe_unsafe"),
+    "chosen/unsafe": ("count/unsafe_safe", "count/unsafe_unsafe"),
+}
+"""Metric-key endings that are means over a subset of the pairs -> the count
+keys whose sum is that subset's size (to combine them across batches)."""
+
 
 # --------------------------------------------------------------------------- #
 # Log-probabilities
@@ -289,6 +297,31 @@ def chunked_sequence_logps(hidden, unembedding, labels, loss_mask, *,
   return _reduce_sequence(logps_BxT, loss_mask, average)
 
 
+def mean_logits(hidden, unembedding, mask):
+  """Per-sequence mean of the logits over the vocabulary and masked positions.
+
+  The mean over the vocabulary of ``hidden @ unembedding`` is ``hidden``
+  times the vocabulary-mean of the output matrix, so this costs one [D]
+  product per token and never forms the logits. The reference logs the mean
+  of all [B, T, V] logits of a side, padding and prompt included; this one
+  covers the response positions only.
+
+  Args:
+    hidden: [B, T, D] final hidden states.
+    unembedding: [D, V] output matrix.
+    mask: [B, T] positions to average (the response's predicting positions).
+
+  Returns:
+    [B] float32 mean logits (0 for a row with no masked position).
+  """
+  mean_column_D = jnp.mean(unembedding.astype(jnp.float32), axis=1)
+  logits_BxT = jnp.einsum("btd,d->bt", hidden.astype(jnp.float32),
+                          mean_column_D)
+  mask_BxT = mask.astype(jnp.float32)
+  return (jnp.sum(logits_BxT * mask_BxT, axis=-1)
+          / jnp.maximum(jnp.sum(mask_BxT, axis=-1), 1.0))
+
+
 # --------------------------------------------------------------------------- #
 # Preference losses
 # --------------------------------------------------------------------------- #
@@ -310,7 +343,11 @@ def preference_metrics(chosen_rewards, rejected_rewards, weights,
 
   Per-group values are means over the pairs of that group (weighted); a group
   with no pairs reports 0 and ``count == 0``, so means over many batches should
-  be weighted by the counts.
+  be weighted by the counts (:data:`GROUP_COUNTS`). ``rewards/chosen/safe``
+  and ``rewards/chosen/unsafe`` split the chosen reward by the chosen
+  response's safety: the reference's ``safe_rewards``/``unsafe_rewards``,
+  which index rows with the 0/1 flags as integers (rows 0 and 1, not the safe
+  ones) -- a bug not copied here.
 
   Args:
     chosen_rewards: [B] implicit rewards of the chosen responses.
@@ -342,6 +379,9 @@ def preference_metrics(chosen_rewards, rejected_rewards, weights,
     metrics[f"count/{name}"] = jnp.sum(group_weights > 0).astype(jnp.float32)
     metrics[f"rewards/accuracy/{name}"] = _weighted_mean(correct, group_weights)
     metrics[f"rewards/margins/{name}"] = _weighted_mean(margins, group_weights)
+  for name, want in (("safe", True), ("unsafe", False)):
+    metrics[f"rewards/chosen/{name}"] = _weighted_mean(
+        chosen_rewards, jnp.where(chosen_safe == want, weights, 0.0))
   return metrics
 
 

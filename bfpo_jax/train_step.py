@@ -15,7 +15,10 @@ Batch layout (leading axis = global batch; B pairs or sequences):
   ``reference_rejected_logps`` [B].
 * ``sft``: ``input_ids``, ``attention_mask``, ``loss_mask`` [B, T]; optional
   ``segment_ids`` [B, T] for packed rows (see ``data.pipeline.pack_sft``).
-* optional ``buffer``: an SFT batch whose loss is added with ``buffer_weight``.
+* optional ``buffer``: a second batch, drawn from its own stream, whose loss
+  is added with ``buffer_weight``: an SFT batch (``buffer_task="sft"``) or a
+  preference batch (``"preference"``, the reference's helpfulness stream:
+  loss = mean over the main pairs + weight x mean over the buffer pairs).
 
 ``loss_mask[b, t]`` marks tokens whose probability counts (the response):
 position t - 1 predicts token t.
@@ -53,7 +56,8 @@ class StepConfig:
   # chunks skip the unembedding, so smaller chunks skip more
   vocab_chunk_size: int | None = None  # also stream the vocabulary
   accumulation_steps: int = 1  # microbatches per step
-  buffer_weight: float = 0.0  # weight of the SFT buffer term; 0 = off
+  buffer_weight: float = 0.0  # weight of the buffer term; 0 = off
+  buffer_task: str = "sft"  # sft | preference: what the buffer batch holds
   precomputed_reference: bool = False  # reference log-probs come in the batch
   mode: str = "selective"  # full | selective | lora
   lora_scale: float = 1.0  # alpha / rank
@@ -63,6 +67,9 @@ class StepConfig:
       raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
     if self.accumulation_steps < 1:
       raise ValueError("accumulation_steps must be >= 1")
+    if self.buffer_task not in ("sft", "preference"):
+      raise ValueError(f"buffer_task must be sft or preference, got "
+                       f"{self.buffer_task!r}")
 
 
 class TrainState(NamedTuple):
@@ -105,19 +112,29 @@ def reference_params(state: TrainState, step_cfg: StepConfig):
   return combine(state.reference, state.frozen)
 
 
-def _logps_from_hidden(hidden, w, labels, loss_mask, *, step_cfg, per_token):
+def _logps_from_hidden(hidden, w, labels, loss_mask, *, step_cfg, per_token,
+                       with_logits=False):
   kwargs = dict(chunk_size=step_cfg.chunk_size,
                 vocab_chunk_size=step_cfg.vocab_chunk_size)
   if per_token:
     return losses.chunked_token_logps(hidden, w, labels, mask=loss_mask,
                                       **kwargs)
-  return losses.chunked_sequence_logps(hidden, w, labels, loss_mask,
-                                       average=step_cfg.average_logps, **kwargs)
+  logps = losses.chunked_sequence_logps(hidden, w, labels, loss_mask,
+                                        average=step_cfg.average_logps,
+                                        **kwargs)
+  if with_logits:
+    return logps, losses.mean_logits(jax.lax.stop_gradient(hidden), w,
+                                     loss_mask)
+  return logps
 
 
 def sequence_logps(model_cfg, step_cfg, params, input_ids, attention_mask,
-                   loss_mask, *, per_token=False, segment_ids=None, mesh=None):
+                   loss_mask, *, per_token=False, segment_ids=None, mesh=None,
+                   with_logits=False):
   """[B] response log-probs (or [B, T-1] per token) via the chunked path.
+
+  ``with_logits`` also returns each row's mean logit over its response
+  positions (``losses.mean_logits``), as ``(logps, mean_logits)``.
 
   With a ``mesh``, the log-probs run per device on its own rows
   (``shard_map`` over the batch axes, the output matrix gathered whole):
@@ -128,27 +145,33 @@ def sequence_logps(model_cfg, step_cfg, params, input_ids, attention_mask,
                         segment_ids=segment_ids)
   w = unembedding(model_cfg, params).astype(model_cfg.dtype)
   fn = functools.partial(_logps_from_hidden, step_cfg=step_cfg,
-                         per_token=per_token)
+                         per_token=per_token, with_logits=with_logits)
   if mesh is not None:
     rows = PartitionSpec(sharding.BATCH_AXES)
     fn = jax.shard_map(fn, mesh=mesh, in_specs=(rows, PartitionSpec(), rows, rows),
-                       out_specs=rows, axis_names=frozenset(sharding.BATCH_AXES))
+                       out_specs=(rows, rows) if with_logits else rows,
+                       axis_names=frozenset(sharding.BATCH_AXES))
   return fn(hidden[:, :-1], w, input_ids[:, 1:], loss_mask[:, 1:])
 
 
-def pair_logps(model_cfg, step_cfg, params, batch, mesh=None):
+def pair_logps(model_cfg, step_cfg, params, batch, mesh=None, *,
+               with_logits=False):
   """Chosen and rejected [B] log-probs from one forward over [2B, T].
 
   Rows are interleaved (chosen 0, rejected 0, chosen 1, ...), so a device's
   pairs stay on it: concatenating instead would move every row of half the
-  batch to another device.
+  batch to another device. ``with_logits`` returns
+  ``((chosen, rejected), (chosen_mean_logits, rejected_mean_logits))``.
   """
   both = lambda k: jnp.stack([batch[f"chosen_{k}"],  # noqa: E731
                               batch[f"rejected_{k}"]], axis=1).reshape(
                                   -1, batch[f"chosen_{k}"].shape[1])
-  logps = sequence_logps(model_cfg, step_cfg, params, both("input_ids"),
-                         both("attention_mask"), both("loss_mask"), mesh=mesh)
-  return logps[0::2], logps[1::2]
+  out = sequence_logps(model_cfg, step_cfg, params, both("input_ids"),
+                       both("attention_mask"), both("loss_mask"), mesh=mesh,
+                       with_logits=with_logits)
+  if with_logits:
+    return (out[0][0::2], out[0][1::2]), (out[1][0::2], out[1][1::2])
+  return out[0::2], out[1::2]
 
 
 def _pair_weights(batch):
@@ -160,11 +183,17 @@ def _sft_tokens(batch):
   return jnp.sum(batch["loss_mask"][:, 1:].astype(jnp.float32))
 
 
+def _size(batch, task):
+  """What a batch's mean is over: trained tokens (sft) or pair weights."""
+  return (_sft_tokens(batch) if task == "sft"
+          else jnp.sum(_pair_weights(batch)))
+
+
 def _denominators(batch, step_cfg):
   """Full-batch normalisers, so k microbatches sum to one big batch exactly."""
-  main = (_sft_tokens(batch) if step_cfg.stage == "sft"
-          else jnp.sum(_pair_weights(batch)))
-  buffer = _sft_tokens(batch["buffer"]) if "buffer" in batch else jnp.float32(1)
+  main = _size(batch, "sft" if step_cfg.stage == "sft" else "preference")
+  buffer = (_size(batch["buffer"], step_cfg.buffer_task) if "buffer" in batch
+            else jnp.float32(1))
   return jnp.maximum(main, 1e-6), jnp.maximum(buffer, 1.0)
 
 
@@ -201,9 +230,31 @@ def _reference_logps(model_cfg, step_cfg, state, batch, mesh):
       model_cfg, step_cfg, reference_params(state, step_cfg), batch, mesh))
 
 
+def _preference_term(model_cfg, step_cfg, state, params, batch, mesh):
+  """The stage's preference loss on ``batch`` (a mean over its pairs) and its
+  metrics, with the policy's mean log-probs and mean logits per side."""
+  with jax.named_scope("policy"):
+    policy, mean_logits = pair_logps(model_cfg, step_cfg, params, batch, mesh,
+                                     with_logits=True)
+  with jax.named_scope("reference"):
+    reference = _reference_logps(model_cfg, step_cfg, state, batch, mesh)
+  loss, metrics = preference_loss(step_cfg, policy, reference, batch)
+  weights = _pair_weights(batch)
+  total = jnp.maximum(jnp.sum(weights), 1e-6)
+  for side, logps, logits in zip(("chosen", "rejected"), policy, mean_logits):
+    metrics[f"logps/{side}"] = jnp.sum(logps * weights) / total
+    metrics[f"logits/{side}"] = jnp.sum(logits * weights) / total
+  return loss, metrics
+
+
 def microbatch_loss(trainable, state, batch, denominators, *, model_cfg,
                     step_cfg, mesh=None):
-  """This microbatch's share of the full-batch loss, and its metrics."""
+  """This microbatch's share of the full-batch loss, and its metrics.
+
+  With a buffer the full-batch loss is ``mean(main) + buffer_weight *
+  mean(buffer)``, each mean over its own batch (the reference's rule).
+  Metrics of a preference buffer are reported under ``buffer/``.
+  """
   params = policy_params(state._replace(trainable=trainable), step_cfg)
   main_total, buffer_total = denominators
   if step_cfg.stage == "sft":
@@ -211,23 +262,23 @@ def microbatch_loss(trainable, state, batch, denominators, *, model_cfg,
       loss, metrics = _sft_term(model_cfg, step_cfg, params, batch, mesh)
     share = _sft_tokens(batch) / main_total
   else:
-    with jax.named_scope("policy"):
-      policy = pair_logps(model_cfg, step_cfg, params, batch, mesh)
-    with jax.named_scope("reference"):
-      reference = _reference_logps(model_cfg, step_cfg, state, batch, mesh)
-    loss, metrics = preference_loss(step_cfg, policy, reference, batch)
-    weights = _pair_weights(batch)
-    for side, logps in zip(("chosen", "rejected"), policy):
-      metrics[f"logps/{side}"] = (jnp.sum(logps * weights)
-                                  / jnp.maximum(jnp.sum(weights), 1e-6))
-    share = jnp.sum(weights) / main_total
+    loss, metrics = _preference_term(model_cfg, step_cfg, state, params, batch,
+                                     mesh)
+    share = jnp.sum(_pair_weights(batch)) / main_total
   total = loss * share
   metrics = {k: v for k, v in metrics.items() if k != "loss"}
   metrics["share"] = share
   if step_cfg.buffer_weight and "buffer" in batch:
-    buffer_loss, _ = _sft_term(model_cfg, step_cfg, params, batch["buffer"],
-                               mesh)
-    buffer_share = _sft_tokens(batch["buffer"]) / buffer_total
+    buffer = batch["buffer"]
+    buffer_share = _size(buffer, step_cfg.buffer_task) / buffer_total
+    if step_cfg.buffer_task == "preference":
+      buffer_loss, buffer_metrics = _preference_term(
+          model_cfg, step_cfg, state, params, buffer, mesh)
+      metrics.update({f"buffer/{k}": v for k, v in buffer_metrics.items()
+                      if k != "loss"})
+      metrics["buffer/share"] = buffer_share
+    else:
+      buffer_loss, _ = _sft_term(model_cfg, step_cfg, params, buffer, mesh)
     total = total + step_cfg.buffer_weight * buffer_loss * buffer_share
     metrics["buffer_loss"] = buffer_loss * buffer_share
   metrics["loss"] = total
@@ -235,18 +286,31 @@ def microbatch_loss(trainable, state, batch, denominators, *, model_cfg,
 
 
 def combine_metrics(metrics_A):
-  """Full-batch metrics from stacked per-microbatch metrics [A]."""
-  share = metrics_A["share"]
+  """Full-batch metrics from stacked per-microbatch metrics [A].
+
+  Losses (already scaled by their share), counts and tokens are summed. A
+  mean over a subset of the pairs (a key ending as in
+  ``losses.GROUP_COUNTS``) is weighted by that subset's counts; any other
+  mean by each microbatch's share of its stream (``buffer/share`` for
+  ``buffer/`` keys).
+  """
   out = {}
   for key, value in metrics_A.items():
-    if key in ("loss", "buffer_loss") or key.startswith("count/") or key == "tokens":
+    prefix = "buffer/" if key.startswith("buffer/") else ""
+    name = key[len(prefix):]
+    if name in ("loss", "tokens") or key == "buffer_loss" or name.startswith(
+        "count/"):
       out[key] = jnp.sum(value)
       continue
-    group = key.rsplit("/", 1)[-1]
-    if group in losses.SAFETY_GROUPS:
-      counts = metrics_A[f"count/{group}"]
+    if name == "share":
+      continue
+    ending = next((e for e in losses.GROUP_COUNTS if name.endswith("/" + e)),
+                  None)
+    if ending:
+      counts = sum(metrics_A[prefix + c] for c in losses.GROUP_COUNTS[ending])
       out[key] = jnp.sum(value * counts) / jnp.maximum(jnp.sum(counts), 1.0)
-    elif key != "share":
+    else:
+      share = metrics_A[prefix + "share"]
       out[key] = jnp.sum(value * share) / jnp.maximum(jnp.sum(share), 1e-12)
   return out
 

@@ -79,6 +79,23 @@ def test_grouped_metrics_use_boolean_masks():
   np.testing.assert_allclose(m["rewards/margins/unsafe_safe"], -1.0)
   assert m["count/safe_safe"] == 1 and m["count/unsafe_unsafe"] == 0
   np.testing.assert_allclose(m["rewards/accuracy"], 0.5)
+  # The reference's safe_rewards: the chosen reward of the safe chosen
+  # responses (rows 0, 1, 3), not rows [1, 1, 0, 1] (mean -0.5) as its
+  # integer indexing gathers.
+  np.testing.assert_allclose(m["rewards/chosen/safe"], (1.0 - 1.0 + 0.5) / 3,
+                             rtol=1e-6)
+  np.testing.assert_allclose(m["rewards/chosen/unsafe"], 2.0, rtol=1e-6)
+
+
+def test_mean_logits_equals_the_mean_of_the_full_logits():
+  rng = np.random.default_rng(0)
+  hidden = rng.normal(size=(3, 5, 4)).astype(np.float32)
+  w = rng.normal(size=(4, 7)).astype(np.float32)
+  mask = np.array([[0, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]], bool)
+  logits = hidden @ w  # [B, T, V], formed here only
+  expected = [logits[0, 1:3].mean(), logits[1].mean(), 0.0]
+  np.testing.assert_allclose(losses.mean_logits(hidden, w, mask), expected,
+                             rtol=1e-5, atol=1e-6)
 
 
 def test_weights_mask_padded_pairs():

@@ -92,19 +92,28 @@ def test_lora_starts_at_base_and_trains_adapters_only():
       w + 2.0 * adapter["lora_a"] @ adapter["lora_b"], atol=1e-6)
 
 
-@pytest.mark.parametrize("stage", ["bfpo", "sft"])
+@pytest.mark.parametrize("stage", ["bfpo", "sft", "bfpo_buffer"])
 def test_accumulation_equals_one_big_batch(stage):
   batch = (helpers.sft_batch(3) if stage == "sft"
            else helpers.preference_batch(3))
   if stage != "sft":
     batch["weight"][[1, 6]] = 0.0  # padded pairs in two different microbatches
+  buffer = {}
+  if stage == "bfpo_buffer":  # the reference's helpfulness stream
+    batch["buffer"] = helpers.preference_batch(9, length=10)
+    batch["buffer"]["weight"][[2, 3]] = 0.0
+    buffer = dict(buffer_weight=1.0, buffer_task="preference")
   results = []
   for k in (1, 4):
-    step_cfg = ts.StepConfig(stage=stage, beta=0.1, accumulation_steps=k,
-                             mode="full", chunk_size=8)
+    step_cfg = ts.StepConfig(stage=stage.split("_")[0], beta=0.1,
+                             accumulation_steps=k, mode="full", chunk_size=8,
+                             **buffer)
     results.append(_run(step_cfg, batch, steps=2, optimizer=optax.sgd(0.1)))
   (s1, h1), (s4, h4) = results
+  if stage != "sft":  # per-group means combine by their groups' counts
+    assert {"rewards/chosen/unsafe", "logits/chosen"} <= set(h1[0])
   for a, b in zip(h1, h4):
+    assert set(a) == set(b)
     for key in a:
       np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6,
                                  err_msg=key)
@@ -156,6 +165,58 @@ def test_precomputed_reference_and_buffer_term():
   sft = ts.build_eval_step(CFG, sft_cfg)(state, buffer)
   np.testing.assert_allclose(with_buffer["loss"],
                              plain["loss"] + 0.3 * sft["loss"], rtol=1e-5)
+
+
+def test_preference_buffer_loss_is_the_sum_of_two_means():
+  main = helpers.preference_batch(10)
+  main["weight"][[0, 5, 7]] = 0.0  # unequal real pairs: a pooled mean differs
+  buffer = helpers.preference_batch(11, length=14)
+  buffer["chosen_is_safe"][:] = buffer["rejected_is_safe"][:] = True
+  step_cfg = ts.StepConfig(stage="bfpo", beta=0.1, mode="selective")
+  state, _ = ts.create_state(_params(), optax.sgd(0.0), step_cfg, CFG)
+  plain = ts.build_eval_step(CFG, step_cfg)
+  alone_main, alone_buffer = plain(state, main), plain(state, buffer)
+  for weight in (1.0, 0.25):
+    buf_cfg = ts.StepConfig(stage="bfpo", beta=0.1, mode="selective",
+                            buffer_weight=weight, buffer_task="preference")
+    both = ts.build_eval_step(CFG, buf_cfg)(state, dict(main, buffer=buffer))
+    np.testing.assert_allclose(
+        both["loss"], alone_main["loss"] + weight * alone_buffer["loss"],
+        rtol=1e-6)
+    np.testing.assert_allclose(both["buffer_loss"], alone_buffer["loss"],
+                               rtol=1e-6)
+  for key in ("rewards/accuracy", "logps/chosen", "count/safe_safe"):
+    np.testing.assert_allclose(both[key], alone_main[key], rtol=1e-6)
+    np.testing.assert_allclose(both[f"buffer/{key}"], alone_buffer[key],
+                               rtol=1e-6)
+  # The gradient is that of the two losses added.
+  optimizer = optax.sgd(1.0)
+  grads = {}
+  for name, cfg, batch in (
+      ("both", buf_cfg, dict(main, buffer=buffer)),
+      ("main", step_cfg, main), ("buffer", step_cfg, buffer)):
+    start, _ = ts.create_state(_params(), optimizer, cfg, CFG)
+    after, _ = ts.build_train_step(CFG, cfg, optimizer)(start, batch)
+    grads[name] = jax.tree.map(lambda a, b: a - b, state.trainable,
+                               after.trainable)
+  jax.tree.map(lambda g, a, b: np.testing.assert_allclose(
+      g, a + 0.25 * b, rtol=1e-4, atol=1e-7),
+      grads["both"], grads["main"], grads["buffer"])
+
+
+def test_logits_metrics_are_the_mean_response_logit():
+  batch = helpers.preference_batch(12)
+  batch["weight"][3] = 0.0
+  step_cfg = ts.StepConfig(stage="bfpo", beta=0.1, mode="selective")
+  state, _ = ts.create_state(_params(), optax.sgd(0.0), step_cfg, CFG)
+  metrics = ts.build_eval_step(CFG, step_cfg)(state, batch)
+  for side in ("chosen", "rejected"):
+    logits = np.asarray(apply(CFG, _params(), batch[f"{side}_input_ids"],
+                              batch[f"{side}_attention_mask"]))
+    mask = batch[f"{side}_loss_mask"][:, 1:]  # positions predicting the response
+    per_row = np.array([logits[i, :-1][mask[i]].mean() for i in range(8)])
+    expected = np.average(per_row, weights=batch["weight"])
+    np.testing.assert_allclose(metrics[f"logits/{side}"], expected, rtol=1e-4)
 
 
 def test_nonfinite_step_is_skipped():
