@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import optax
 
 OPTIMIZERS = ("adamw", "rmsprop")
@@ -10,12 +12,13 @@ SCHEDULES = ("cosine", "linear", "constant")
 
 def make_schedule(learning_rate: float, total_steps: int, warmup_ratio=0.1,
                   schedule="cosine"):
-  """Linear warmup over ``warmup_ratio * total_steps``, then ``schedule``."""
+  """Linear warmup over ``ceil(warmup_ratio * total_steps)`` steps (as the
+  reference's transformers Trainer counts them), then ``schedule``."""
   if schedule not in SCHEDULES:
     raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
   if total_steps < 1:
     raise ValueError(f"total_steps must be >= 1, got {total_steps}")
-  warmup = int(round(warmup_ratio * total_steps))
+  warmup = math.ceil(total_steps * warmup_ratio)
   if schedule == "cosine":
     return optax.warmup_cosine_decay_schedule(
         0.0, learning_rate, warmup, max(total_steps, warmup + 1))

@@ -24,6 +24,15 @@ def test_warmup_then_cosine():
     make_schedule(1e-3, 100, 0.1, "exp")
 
 
+def test_warmup_steps_are_rounded_up_as_the_reference_counts_them():
+  # transformers' Trainer: ceil(0.1 * 94) = 10 warmup steps (rounding: 9).
+  lr = make_schedule(1.0, total_steps=94, warmup_ratio=0.1)
+  np.testing.assert_allclose([lr(9), lr(10)], [0.9, 1.0], rtol=1e-6)
+  # Then cosine over the remaining 84 steps, as get_cosine_schedule_with_warmup.
+  np.testing.assert_allclose(lr(52), 0.5 * (1 + math.cos(math.pi * 42 / 84)),
+                             rtol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["adamw", "rmsprop"])
 def test_clipped_first_update(name):
   tx = make_optimizer(1.0, 10, name=name, warmup_ratio=0.0, schedule="constant",
