@@ -72,7 +72,8 @@ def step_config(config) -> StepConfig:
       average_logps=config.loss.average_logps,
       chunk_size=config.loss.chunk_size,
       accumulation_steps=config.batch.accumulation,
-      buffer_weight=config.data.buffer_weight, mode=t.mode,
+      buffer_weight=config.data.buffer_weight,
+      buffer_task=config.data.buffer_task, mode=t.mode,
       lora_scale=t.lora_alpha / t.lora_rank,
       precomputed_reference=config.loss.precompute_reference)
 
@@ -123,48 +124,87 @@ class Examples:
   """Validated, tokenized examples of a run, before batching."""
 
   task: str
-  train: list  # one list of examples per source
-  held_out: list  # eval examples of all sources
-  buffer: list  # buffer-stream SFT examples per source ([] if none)
+  train: list  # one list of examples per source (packed rows if packed)
+  held_out: list  # eval examples: held out of each source + eval_sources
+  buffer: list  # buffer-stream examples per source ([] if none)
   report: dict
   pad_id: int
+  buffer_task: str = "sft"
+
+
+def _specs(config, field, task, limit=None):
+  d = config.data
+  return [SourceSpec.parse(s, task=task, limit=limit,
+                           revision=d.revision or None) for s in d[field]]
 
 
 def load_examples(config, tokenizer) -> Examples:
-  """Reads, validates and tokenizes the run's data; splits off eval."""
+  """Reads, validates and tokenizes the run's data; splits off eval.
+
+  The report has one entry per source (``role`` train, eval or buffer) whose
+  ``pairs`` is what that source contributes to one epoch: its training
+  examples, its evaluation examples, or the buffer examples one epoch draws
+  (one buffer batch per step, so at most steps x global batch).
+  """
   task = "sft" if config.stage == "sft" else "preference"
   d = config.data
-  specs = [SourceSpec.parse(s, task=task, limit=d.limit_per_source or None,
-                            revision=d.revision or None) for s in d.sources]
-  kwargs = dict(max_prompt_length=d.max_prompt_length, max_length=d.max_length,
-                seed=config.seed, num_workers=d.num_workers)
+  stream = task == "sft" and d.pack_sft and d.pack_mode == "stream"
+  kwargs = dict(max_prompt_length=d.max_prompt_length,
+                max_length=None if stream else d.max_length, seed=config.seed,
+                num_workers=d.num_workers, template=d.template,
+                truncation=d.truncation, sft_loss=d.sft_loss)
+  specs = _specs(config, "sources", task, d.limit_per_source or None)
   examples, report = pipeline.prepare(specs, tokenizer, task=task, **kwargs)
   split = [_split_eval(ex, d.eval_fraction, config.seed + i)
            for i, ex in enumerate(examples)]
   train = [s[0] for s in split]
-  if task == "sft" and d.pack_sft:
-    train = [pipeline.pack_sft(ex, d.max_length, config.seed) for ex in train]
+  held_out = [e for s in split for e in s[1]]
   for spec, (tr, ev) in zip(specs, split):
-    report[spec.name].update(train=len(tr), eval=len(ev))
+    report[spec.name].update(role="train", train=len(tr), eval=len(ev),
+                             pairs=len(tr))
+  if d.eval_sources:
+    evals, eval_report = pipeline.prepare(_specs(config, "eval_sources", task),
+                                          tokenizer, task=task, **kwargs)
+    held_out += [e for ex in evals for e in ex]
+    for name, entry in eval_report.items():
+      report[f"eval:{name}"] = dict(entry, role="eval", train=0,
+                                    eval=entry["rows_used"],
+                                    pairs=entry["rows_used"])
+  if stream:
+    train = [pipeline.pack_stream(train, d.max_length, config.seed)]
+    held_out = pipeline.pack_stream([held_out], d.max_length, config.seed)
+  elif task == "sft" and d.pack_sft:
+    train = [pipeline.pack_sft(ex, d.max_length, config.seed) for ex in train]
   n_train = sum(map(len, train))
   if n_train < config.batch.global_size:
     raise ConfigError(f"data: {n_train} training examples are fewer than "
                       f"batch.global_size ({config.batch.global_size})")
   buffer = []
   if d.buffer_sources:
-    buffer_specs = [SourceSpec.parse(s, task="sft") for s in d.buffer_sources]
-    buffer, buffer_report = pipeline.prepare(buffer_specs, tokenizer,
-                                             task="sft", **kwargs)
-    report.update({f"buffer:{k}": v for k, v in buffer_report.items()})
+    buffer_kwargs = dict(kwargs, max_length=d.max_length)
+    buffer, buffer_report = pipeline.prepare(
+        _specs(config, "buffer_sources", d.buffer_task), tokenizer,
+        task=d.buffer_task, **buffer_kwargs)
+    drawn = min(sum(map(len, buffer)),
+                n_train // config.batch.global_size * config.batch.global_size)
+    total = max(sum(map(len, buffer)), 1)
+    for (name, entry), source in zip(buffer_report.items(), buffer):
+      # Sources of a concat buffer are drawn in proportion to their size.
+      report[f"buffer:{name}"] = dict(entry, role="buffer", train=0, eval=0,
+                                      pairs=round(drawn * len(source) / total))
   pad_id = tokenizer.pad_token_id
-  return Examples(task=task, train=train,
-                  held_out=[e for s in split for e in s[1]], buffer=buffer,
+  return Examples(task=task, train=train, held_out=held_out, buffer=buffer,
                   report=report,
-                  pad_id=tokenizer.eos_token_id if pad_id is None else pad_id)
+                  pad_id=tokenizer.eos_token_id if pad_id is None else pad_id,
+                  buffer_task=d.buffer_task)
 
 
 def make_data(config, examples: Examples, num_devices) -> RunData:
-  """This process's endless training batches and the fixed eval batches."""
+  """This process's endless training batches and the fixed eval batches.
+
+  A buffer stream gives one batch of ``batch.global_size`` per step next to
+  the main batch, so an epoch of the main stream sets the number of steps.
+  """
   d, task, pad_id = config.data, examples.task, examples.pad_id
   p, n = jax.process_index(), jax.process_count()
   ds = pipeline.batches(examples.train, task=task,
@@ -174,9 +214,10 @@ def make_data(config, examples: Examples, num_devices) -> RunData:
                         process_index=p, process_count=n)
   if examples.buffer:
     ds = pipeline.with_buffer(ds, pipeline.batches(
-        examples.buffer, task="sft", global_batch=config.batch.global_size,
-        seed=config.seed + 1, buckets=list(d.buckets), pad_id=pad_id,
-        process_index=p, process_count=n))
+        examples.buffer, task=examples.buffer_task,
+        global_batch=config.batch.global_size, seed=config.seed + 1,
+        buckets=list(d.buckets), pad_id=pad_id, process_index=p,
+        process_count=n))
   eval_size = config.batch.per_device * data_parallel_size(config, num_devices)
   eval_batches, shares = _eval_batches(examples.held_out, task, eval_size,
                                        list(d.buckets), pad_id)
@@ -210,6 +251,8 @@ def attach_reference_logps(config, model_cfg, step_cfg, params, examples,
     True if the cache was used.
   """
   pairs = [e for source in examples.train for e in source] + examples.held_out
+  if examples.buffer_task == "preference":
+    pairs += [e for source in examples.buffer for e in source]
   key = json.dumps({"model": model_source(config) or config.model.preset,
                     "seed": config.seed, "data": config.data.to_dict(),
                     "average_logps": config.loss.average_logps,

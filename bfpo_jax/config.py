@@ -11,7 +11,9 @@ import os
 
 import ml_collections
 
-from bfpo_jax.data.sources import KINDS
+from bfpo_jax.data.pipeline import PACK_MODES
+from bfpo_jax.data.sources import TASKS, DataError, SourceSpec
+from bfpo_jax.data.tokenize import SFT_LOSSES, TEMPLATES, TRUNCATIONS
 from bfpo_jax.model.config import REMAT_POLICIES
 from bfpo_jax.train_step import STAGES
 from bfpo_jax.trainable import MODES
@@ -47,19 +49,30 @@ def default_config() -> ml_collections.ConfigDict:
   c.trainable.lora_alpha = 32.0  # LoRA scale = alpha / rank
 
   c.data = ml_collections.ConfigDict()
-  c.data.sources = ()  # "KIND:PATH_OR_HUB_NAME" strings (see bfpo_jax.data)
-  c.data.limit_per_source = 0  # 0 = all; the paper uses 30000
+  # "KIND:PATH_OR_HUB_NAME[?revision=R&split=S&take=T]" strings (see
+  # bfpo_jax.data); take = the first fraction (0.2) or count of the rows.
+  c.data.sources = ()
+  c.data.limit_per_source = 0  # 0 = all; else a seeded random subset
   c.data.mixture = "concat"  # concat (count-based) | weighted
   c.data.weights = ()  # per source, for the weighted mixture
-  c.data.buffer_sources = ()  # SFT sources of the optional buffer term
-  c.data.buffer_weight = 0.0  # weight of the buffer SFT loss; 0 = off
-  c.data.eval_fraction = 0.05  # held out per source for evaluation
+  c.data.buffer_sources = ()  # the buffer stream, one batch of it per step
+  c.data.buffer_task = "sft"  # preference: the reference's helpfulness
+  # stream, loss = mean(main) + buffer_weight * mean(buffer); sft: an SFT term
+  c.data.buffer_weight = 0.0  # weight of the buffer loss; 0 = off
+  c.data.eval_sources = ()  # whole splits evaluated (e.g. PKU-SafeRLHF test)
+  c.data.eval_fraction = 0.05  # also held out of each source for evaluation
   c.data.max_prompt_length = 512
   c.data.max_length = 1024
   c.data.buckets = (1024,)  # padded lengths (fewer recompiles than per batch)
   c.data.num_workers = 0  # tokenization processes
+  c.data.template = "reference"  # reference (the paper's code) | generation
+  c.data.truncation = "trl"  # trl (the reference's) | prompt_first
+  c.data.sft_loss = "all"  # all tokens (the reference's SFT) | assistant
   c.data.pack_sft = False  # pack SFT examples into rows of max_length
-  c.data.revision = ""  # pin hub datasets to a revision
+  c.data.pack_mode = "stream"  # stream: concatenated and cut, attention
+  # across examples (the reference's trl packing); examples: whole examples
+  # per row, attention within each
+  c.data.revision = ""  # pin hub datasets without a ?revision= of their own
 
   c.batch = ml_collections.ConfigDict()
   c.batch.global_size = 32  # pairs (or sequences) per optimizer step
@@ -128,12 +141,7 @@ def validate(config, num_devices: int) -> None:
   if not source and config.model.preset not in ("tiny", "mistral_7b"):
     raise ConfigError(f"model.preset: {config.model.preset!r} is not tiny or "
                       "mistral_7b")
-  if not config.data.sources:
-    raise ConfigError("data.sources: no data sources given")
-  for spec in list(config.data.sources) + list(config.data.buffer_sources):
-    if spec.partition(":")[0] not in KINDS:
-      raise ConfigError(f"data.sources: {spec!r} does not start with one of "
-                        f"{', '.join(KINDS)}")
+  _validate_data(config)
   try:
     dp = data_parallel_size(config, num_devices)
   except ValueError as e:
@@ -154,5 +162,29 @@ def validate(config, num_devices: int) -> None:
   if config.loss.precompute_reference and config.stage == "sft":
     raise ConfigError("loss.precompute_reference: the sft stage has no "
                       "reference policy")
-  if config.data.buffer_weight and not config.data.buffer_sources:
+
+
+def _validate_data(config) -> None:
+  d = config.data
+  if not d.sources:
+    raise ConfigError("data.sources: no data sources given")
+  for field, allowed in (("template", TEMPLATES), ("truncation", TRUNCATIONS),
+                         ("sft_loss", SFT_LOSSES), ("pack_mode", PACK_MODES),
+                         ("buffer_task", TASKS)):
+    if d[field] not in allowed:
+      raise ConfigError(f"data.{field}: {d[field]!r} is not one of {allowed}")
+  task = "sft" if config.stage == "sft" else "preference"
+  if d.buffer_task == "preference" and task == "sft":
+    raise ConfigError("data.buffer_task: a preference buffer needs a "
+                      "preference stage, not sft")
+  for field, want in (("sources", task), ("eval_sources", task),
+                      ("buffer_sources", d.buffer_task)):
+    for text in d[field]:
+      try:
+        SourceSpec.parse(text, task=want)
+      except DataError as e:
+        raise ConfigError(f"data.{field}: {e}") from None
+  if not 0.0 <= d.eval_fraction < 1.0:
+    raise ConfigError(f"data.eval_fraction: {d.eval_fraction} is not in [0, 1)")
+  if d.buffer_weight and not d.buffer_sources:
     raise ConfigError("data.buffer_weight > 0 needs data.buffer_sources")

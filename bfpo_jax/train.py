@@ -28,6 +28,7 @@ from bfpo_jax import train_step as ts
 from bfpo_jax.checkpoint import Checkpointer
 from bfpo_jax.config import ConfigError, validate
 from bfpo_jax.data.sources import DataError
+from bfpo_jax.data.tokenize import CHAT_TEMPLATE
 from bfpo_jax.model.hf_io import save_hf
 
 config_flags.DEFINE_config_file("config", None, "Python config file with "
@@ -106,9 +107,11 @@ def _summary(config, mesh, model_cfg, state, data, steps, memory):
       f"memory per device (estimate): {memory['total'] / 2**30:.2f} GiB "
       f"(params {memory['params_frozen'] / 2**30:.2f}, optimizer "
       f"{memory['optimizer_state'] / 2**30:.2f})",
-      "data: " + "; ".join(f"{k}: {v['train']} train / {v['eval']} eval "
-                            f"({sum(v['rows_skipped'].values())} skipped)"
-                            for k, v in data.report.items() if "train" in v),
+      "data (pairs or sequences per epoch): " + "; ".join(
+          f"{k}: {v['pairs']} {v['role']}"
+          + (f" + {v['eval']} held out" if v["role"] == "train" else "")
+          + f" ({sum(v['rows_skipped'].values())} skipped)"
+          for k, v in data.report.items()),
       f"steps: {steps} ({data.steps_per_epoch} per epoch), global batch "
       f"{config.batch.global_size} = {config.batch.per_device} per device x "
       f"{config.batch.accumulation} microbatches",
@@ -142,10 +145,14 @@ def evaluate(eval_fn, state, data, mesh):
 
 
 def export(config, model_cfg, state, step_cfg, tokenizer, workdir):
+  """Writes workdir/hf_export: weights, and the tokenizer with the Zephyr
+  chat template the model was trained on (for apply_chat_template, vLLM and
+  the lm-evaluation-harness's chat mode)."""
   out = os.path.join(workdir, build.EXPORT_DIR)
   params = ts.policy_params(state, step_cfg)
   save_hf(out, model_cfg, params, dtype=jnp.dtype(config.model.param_dtype))
   if jax.process_index() == 0:
+    tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(out)
   return out
 

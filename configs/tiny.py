@@ -8,6 +8,13 @@ A 2-layer, d=64 Mistral with the real 32k Mistral-7B tokenizer (bundled in
 mistral-common), random init, full fine-tuning at a high learning rate so the
 losses visibly move. `:bfpo` (default), `:sft`, `:dpo` or `:ipo` picks the stage.
 
+The recipe's shape at toy scale (the reference's template, trl truncation,
+BFPO steps of safety pairs plus a same-sized UltraFeedback buffer batch, SFT
+loss on all tokens), with simpler settings than configs/a100x4*.py: random
+init instead of Mistral-7B, 64/128-token prompts/pairs, batch 8, 2-3 epochs,
+evaluation on 10% held out of the training files instead of test splits,
+no SFT packing, every parameter trained.
+
 Memory per device: 0.11 GiB estimated (float32; the run prints it at start-up
 from bfpo_jax.sharding.memory_report).
 """
@@ -29,10 +36,13 @@ def get_config(stage="bfpo"):
   if stage == "sft":
     c.data.sources = (f"ultrachat:{TINY}/ultrachat_200k.jsonl",
                       f"pku_saferlhf:{TINY}/pku_saferlhf.jsonl")
-  else:
-    c.data.sources = (f"ultrafeedback:{TINY}/ultrafeedback_binarized.jsonl",
-                      f"pku_saferlhf:{TINY}/pku_saferlhf.jsonl",
+  else:  # the recipe's shape: safety pairs + a helpfulness buffer stream
+    c.data.sources = (f"pku_saferlhf:{TINY}/pku_saferlhf.jsonl",
                       f"redteam:{TINY}/redteam.json")
+    c.data.buffer_sources = (
+        f"ultrafeedback:{TINY}/ultrafeedback_binarized.jsonl",)
+    c.data.buffer_task = "preference"
+    c.data.buffer_weight = 1.0
   c.data.eval_fraction = 0.1
   c.data.max_prompt_length = 64
   c.data.max_length = 128

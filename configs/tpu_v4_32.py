@@ -3,9 +3,11 @@
     launch/tpu_pod.sh NAME ZONE --config configs/tpu_v4_32.py \\
         --workdir gs://BUCKET/runs/bfpo_7b --config.init_from=gs-fuse-path
 
-FSDP over all 16 chips (32 GiB HBM each); global batch 32 = 2 x 1 x 16.
-Memory per chip (python -m bfpo_jax.sharding --mesh fsdp=16): 4.85 GiB
-estimated.
+FSDP over all 16 chips (32 GiB HBM each); global batch 32 = 2 x 1 x 16
+safety pairs plus as many UltraFeedback buffer pairs, as configs/a100x4.py.
+Memory per chip (python -m bfpo_jax.sharding --model mistral_7b --mesh
+fsdp=16 --pairs_per_device 4 --remat_policy dots): 27.87 GiB estimated;
+--config.model.remat_policy=full: 6.87 GiB.
 """
 
 from configs import a100x4
