@@ -186,3 +186,11 @@ def test_export_carries_the_zephyr_chat_template(tmp_path):
   assert exported.chat_template == CHAT_TEMPLATE
   saved = json.load(open(os.path.join(out, "config.json")))
   assert saved["vocab_size"] == 32000
+  # The lm-evaluation-harness's chat mode renders with it too.
+  from lm_eval.models.huggingface import HFLM
+
+  lm = HFLM(pretrained=out, device="cpu", batch_size=1)
+  assert lm.apply_chat_template(
+      [{"role": "system", "content": "Be safe."},
+       {"role": "user", "content": "Hi"}]) == (
+           "<|system|>\nBe safe.</s>\n<|user|>\nHi</s>\n<|assistant|>\n")
