@@ -53,3 +53,18 @@ def sft_batch(seed, rows=8, length=12):
   ids, attention, loss = _sequences(rng, rows, length, rng.integers(2, 5, rows),
                                     rng.integers(2, length - 5, rows))
   return {"input_ids": ids, "attention_mask": attention, "loss_mask": loss}
+
+
+def pairs_of(batch):
+  """The tokenized pairs (``tokenize_pair``'s layout) of a padded batch."""
+  pairs = []
+  for i in range(len(batch["chosen_is_safe"])):
+    prompt = int(np.argmax(batch["chosen_loss_mask"][i]))
+    ids = {side: batch[f"{side}_input_ids"][i][
+        batch[f"{side}_attention_mask"][i]].tolist()
+           for side in ("chosen", "rejected")}
+    pairs.append({"prompt_length": prompt, "chosen_ids": ids["chosen"],
+                  "rejected_ids": ids["rejected"],
+                  "chosen_is_safe": bool(batch["chosen_is_safe"][i]),
+                  "rejected_is_safe": bool(batch["rejected_is_safe"][i])})
+  return pairs

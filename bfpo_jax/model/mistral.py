@@ -12,6 +12,27 @@ the functions below are pure and jit-able with the config static.
 
 Dimension names: B batch, T query tokens, S key tokens, D model width,
 N query heads, K key/value heads, H head dim, F mlp width, V vocabulary.
+
+Attention kernels, by platform and row layout:
+
+* CPU: XLA's ``dot_product_attention`` for every layout. The mask is a
+  boolean [B, 1, T, S] built by comparing ids (causal index, padding,
+  ``segment_ids`` of packed sequences, ``branch_ids`` of packed preference
+  pairs); it broadcasts over heads and fuses into the softmax, so no float
+  [B, N, T, S] mask exists, only the scores XLA's attention always forms.
+* GPU: ``model.attention_impl="cudnn"`` runs cuDNN flash attention on
+  right-padded rows (causal, window and sequence lengths in-kernel, no mask
+  tensor). Packed rows run the XLA path above: cuDNN's in-kernel masks are
+  padding, causal and window only, and JAX hands it any other mask as a
+  dense [B, 1, T, S] bias (bounded, per row not per head, but untested
+  here, so not wired in).
+* TPU: XLA as above today. The kernel to use is Pallas splash attention
+  (``jax.experimental.pallas.ops.tpu.splash_attention``): its ``SegmentIds``
+  keep packed sequences and pairs apart block-sparsely. Equality of segment
+  ids cannot say "the rejected branch sees the prompt but not the chosen
+  branch", so a pair needs two splash calls merged by their log-sum-exps:
+  one over the pair's prompt keys (query ids = pair, key ids = pair on the
+  prompt only) and one over the query's own branch (ids = pair x branch).
 """
 
 from __future__ import annotations
@@ -103,21 +124,32 @@ def rope(x_BxTxNxH, positions_BxT, theta):
 
 
 def attention_mask(key_valid_BxS, query_index_T, sliding_window,
-                   segment_ids_BxT=None):
+                   segment_ids_BxT=None, branch_ids_BxT=None,
+                   positions_BxT=None):
   """Boolean [B, 1, T, S]: causal, within the window, and not padding.
 
   Indices are positions in the (padded) buffer, as in transformers: a query
   at index i sees keys j with ``i - window < j <= i``. With packed rows
   (``segment_ids``, no cache), a query sees only keys of its own segment.
+  With packed preference pairs (``branch_ids``: 0 prompt, 1 chosen, 2
+  rejected; see ``data.packing``) it also sees only prompt keys and keys of
+  its own branch, and the window is measured in ``positions``, which
+  continue from the prompt in each branch.
   """
   key_index_S = jnp.arange(key_valid_BxS.shape[1])
   allowed_TxS = key_index_S[None, :] <= query_index_T[:, None]
-  if sliding_window is not None:
+  if sliding_window is not None and branch_ids_BxT is None:
     allowed_TxS &= key_index_S[None, :] > query_index_T[:, None] - sliding_window
   mask = allowed_TxS[None, None] & key_valid_BxS[:, None, None, :]
   if segment_ids_BxT is not None:
     mask &= (segment_ids_BxT[:, None, :, None]
              == segment_ids_BxT[:, None, None, :])
+  if branch_ids_BxT is not None:
+    query, key = branch_ids_BxT[:, None, :, None], branch_ids_BxT[:, None, None, :]
+    mask &= (key == 0) | (key == query)
+    if sliding_window is not None:
+      mask &= (positions_BxT[:, None, None, :]
+               > positions_BxT[:, None, :, None] - sliding_window)
   return mask
 
 
@@ -134,7 +166,7 @@ class Attention(nnx.Module):
     self.o_proj = Dense(cfg, n * h, d, ("q_heads", "embed"), rngs)
 
   def __call__(self, x_BxTxD, positions_BxT, key_valid_BxS, query_index_T,
-               cache=None, segment_ids=None):
+               cache=None, segment_ids=None, branch_ids=None):
     cfg = self.cfg
     b, t, _ = x_BxTxD.shape
     n, k, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.dim_per_head
@@ -168,7 +200,7 @@ class Attention(nnx.Module):
           implementation="cudnn")
     else:
       mask = attention_mask(key_valid_BxS, query_index_T, cfg.sliding_window,
-                            segment_ids)
+                            segment_ids, branch_ids, positions_BxT)
       out_BxTxNxH = jax.nn.dot_product_attention(
           q_BxTxNxH, keys, values, mask=mask, implementation="xla")
     return self.o_proj(out_BxTxNxH.reshape(b, t, n * h)), cache
@@ -199,19 +231,21 @@ class Block(nnx.Module):
     self.mlp = MLP(cfg, rngs)
 
   def __call__(self, x, positions, key_valid, query_index, cache=None,
-               segment_ids=None):
+               segment_ids=None, branch_ids=None):
     # Named scopes label the ops in profiles (benchmarks/profiling.py).
     with jax.named_scope("attention"):
       attn, cache = self.self_attn(self.input_layernorm(x), positions,
-                                   key_valid, query_index, cache, segment_ids)
+                                   key_valid, query_index, cache, segment_ids,
+                                   branch_ids)
     x = x + attn
     with jax.named_scope("mlp"):
       return x + self.mlp(self.post_attention_layernorm(x)), cache
 
 
 def _run_block(block, x, positions, key_valid, query_index, cache,
-               segment_ids):
-  return block(x, positions, key_valid, query_index, cache, segment_ids)
+               segment_ids, branch_ids):
+  return block(x, positions, key_valid, query_index, cache, segment_ids,
+               branch_ids)
 
 
 class Mistral(nnx.Module):
@@ -230,7 +264,8 @@ class Mistral(nnx.Module):
                            ("embed", "vocab"), rngs)
 
   def __call__(self, input_ids_BxT, positions_BxT, key_valid_BxS,
-               query_index_T, caches=None, segment_ids_BxT=None):
+               query_index_T, caches=None, segment_ids_BxT=None,
+               branch_ids_BxT=None):
     with jax.named_scope("embed"):
       x = jnp.take(self.embed_tokens.embedding[...], input_ids_BxT, axis=0)
       x = pin(x.astype(self.cfg.dtype), BTD)
@@ -242,7 +277,8 @@ class Mistral(nnx.Module):
     new_caches = []
     for i, block in enumerate(self.layers):
       x, cache = run(block, x, positions_BxT, key_valid_BxS, query_index_T,
-                     None if caches is None else caches[i], segment_ids_BxT)
+                     None if caches is None else caches[i], segment_ids_BxT,
+                     branch_ids_BxT)
       x = pin(x, BTD)
       new_caches.append(cache)
     return pin(self.norm(x), BTD), (None if caches is None else new_caches)
@@ -335,7 +371,7 @@ def _prepare(input_ids, attention_mask, positions, segment_ids):
 
 
 def apply_hidden(cfg, params, input_ids, attention_mask=None, positions=None,
-                 segment_ids=None):
+                 segment_ids=None, branch_ids=None):
   """Final hidden states [B, T, D] (after the last RMSNorm).
 
   Args:
@@ -349,6 +385,10 @@ def apply_hidden(cfg, params, input_ids, attention_mask=None, positions=None,
     segment_ids: optional [B, T] ids of sequences packed into one row (0 =
       padding): tokens attend only within their segment, and default
       positions restart at each segment.
+    branch_ids: optional [B, T] with ``segment_ids`` and explicit
+      ``positions``: packed preference pairs (``data.packing``), 0 on a
+      pair's prompt, 1 on its chosen and 2 on its rejected branch; a branch
+      attends to the prompt and itself.
 
   Returns:
     [B, T, D] hidden states in ``cfg.dtype``; multiply by :func:`unembedding`
@@ -356,9 +396,12 @@ def apply_hidden(cfg, params, input_ids, attention_mask=None, positions=None,
   """
   attention_mask, positions = _prepare(input_ids, attention_mask, positions,
                                        segment_ids)
+  if branch_ids is not None and (segment_ids is None or positions is None):
+    raise ValueError("branch_ids need segment_ids and explicit positions")
   hidden, _ = bind(cfg, params)(input_ids, positions, attention_mask,
                                 jnp.arange(input_ids.shape[1]),
-                                segment_ids_BxT=segment_ids)
+                                segment_ids_BxT=segment_ids,
+                                branch_ids_BxT=branch_ids)
   return hidden
 
 
@@ -370,9 +413,9 @@ def unembedding(cfg, params):
 
 
 def apply(cfg, params, input_ids, attention_mask=None, positions=None,
-          segment_ids=None):
+          segment_ids=None, branch_ids=None):
   """Next-token logits [B, T, V] in float32; see :func:`apply_hidden`."""
   hidden = apply_hidden(cfg, params, input_ids, attention_mask, positions,
-                        segment_ids)
+                        segment_ids, branch_ids)
   w = unembedding(cfg, params).astype(cfg.dtype)
   return jnp.dot(hidden, w, preferred_element_type=jnp.float32)
