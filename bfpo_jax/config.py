@@ -11,7 +11,8 @@ import os
 
 import ml_collections
 
-from bfpo_jax.data.pipeline import PACK_MODES
+from bfpo_jax.data.packing import LAYOUTS
+from bfpo_jax.data.pipeline import DEFAULT_BUCKETS, PACK_MODES
 from bfpo_jax.data.sources import TASKS, DataError, SourceSpec
 from bfpo_jax.data.tokenize import SFT_LOSSES, TEMPLATES, TRUNCATIONS
 from bfpo_jax.model.config import REMAT_POLICIES
@@ -63,7 +64,14 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.eval_fraction = 0.05  # also held out of each source for evaluation
   c.data.max_prompt_length = 512
   c.data.max_length = 1024
-  c.data.buckets = (1024,)  # padded lengths (fewer recompiles than per batch)
+  c.data.buckets = DEFAULT_BUCKETS  # padded lengths: the smallest holding a
+  # batch's longest row (fewer recompiles than one length per batch)
+  c.data.preference_layout = "padded"  # padded: chosen and rejected rows
+  # each padded to a bucket; packed: [prompt | chosen | rejected] once per
+  # pair, pairs packed first-fit into rows (data.packing)
+  c.data.pack_length = 0  # tokens per packed row; 0 = 2 x max_length, which
+  # holds any pair cut to max_length
+  c.data.pairs_per_row = 8  # most pairs in a packed row (shapes stay static)
   c.data.num_workers = 0  # tokenization processes
   c.data.template = "reference"  # reference (the paper's code) | generation
   c.data.truncation = "trl"  # trl (the reference's) | prompt_first
@@ -170,7 +178,8 @@ def _validate_data(config) -> None:
     raise ConfigError("data.sources: no data sources given")
   for field, allowed in (("template", TEMPLATES), ("truncation", TRUNCATIONS),
                          ("sft_loss", SFT_LOSSES), ("pack_mode", PACK_MODES),
-                         ("buffer_task", TASKS)):
+                         ("buffer_task", TASKS),
+                         ("preference_layout", LAYOUTS)):
     if d[field] not in allowed:
       raise ConfigError(f"data.{field}: {d[field]!r} is not one of {allowed}")
   task = "sft" if config.stage == "sft" else "preference"
@@ -188,3 +197,13 @@ def _validate_data(config) -> None:
     raise ConfigError(f"data.eval_fraction: {d.eval_fraction} is not in [0, 1)")
   if d.buffer_weight and not d.buffer_sources:
     raise ConfigError("data.buffer_weight > 0 needs data.buffer_sources")
+  if d.pairs_per_row < 1:
+    raise ConfigError(f"data.pairs_per_row: {d.pairs_per_row} is not >= 1")
+  if d.pack_length < 0:
+    raise ConfigError(f"data.pack_length: {d.pack_length} is not >= 0 (0 = "
+                      "2 x data.max_length)")
+
+
+def pack_length(config) -> int:
+  """Tokens per packed preference row (``data.pack_length``, 0 = 2 x max)."""
+  return config.data.pack_length or 2 * config.data.max_length
