@@ -1,6 +1,10 @@
 """Packed preference pairs: layout, equal log-probs, losses and gradients."""
 
 import functools
+import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,8 +18,10 @@ from bfpo_jax.config import ConfigError, default_config, validate
 from bfpo_jax.data import packing, pipeline
 from bfpo_jax.data.sources import DataError
 from bfpo_jax.model import MistralConfig, init_params
-from bfpo_jax.model.mistral import attention_mask
+from bfpo_jax.model.mistral import attention_mask, blockwise_attention
 from tests import helpers
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _pair(prompt, chosen, rejected, safe=(True, False)):
@@ -89,6 +95,34 @@ def test_processes_agree_on_shapes_and_split_rows():
           np.stack([a[key], b[key]], 1).reshape(whole[k][key].shape),
           whole[k][key])
     assert whole[k]["weight"].sum() == 8
+
+
+def test_blockwise_attention_equals_dense_with_gradients():
+  rng = np.random.default_rng(1)
+  tok = lambda n: rng.integers(3, 60, n).tolist()  # noqa: E731
+  pairs = [_pair(tok(p), tok(c), tok(r)) for p, c, r in
+           [(3, 10, 20), (5, 2, 2), (30, 1, 20), (2, 2, 2), (1, 40, 3)]]
+  b = packing.pack_pairs(pairs, length=64, pairs_per_row=3, rows_multiple=3)
+  rows, t, n, k, h = b["input_ids"].shape + (4, 2, 8)
+  q, key, v = (jnp.asarray(rng.normal(size=(rows, t, heads, h)), jnp.float32)
+               for heads in (n, k, k))
+  mask = attention_mask(*(jnp.asarray(b[x]) for x in ("attention_mask",)),
+                        jnp.arange(t), 7, *(jnp.asarray(b[x]) for x in (
+                            "segment_ids", "branch_ids", "positions")))
+  valid = b["attention_mask"][..., None, None]
+
+  def loss(fn, *args):
+    return jnp.sum(jnp.where(valid, fn(*args), 0.0) ** 2)
+
+  dense = functools.partial(jax.nn.dot_product_attention, mask=mask,
+                            implementation="xla")
+  tiles = functools.partial(blockwise_attention, mask_Bx1xTxS=mask, block=16)
+  np.testing.assert_allclose(jnp.where(valid, tiles(q, key, v), 0),
+                             jnp.where(valid, dense(q, key, v), 0), atol=1e-5)
+  assert np.isfinite(np.asarray(tiles(q, key, v))).all()  # padding included
+  for want, got in zip(jax.grad(functools.partial(loss, dense), (0, 1, 2))(
+      q, key, v), jax.grad(functools.partial(loss, tiles), (0, 1, 2))(q, key, v)):
+    np.testing.assert_allclose(got, want, atol=1e-4)
 
 
 CFG = helpers.tiny_config(sliding_window=6)
@@ -204,7 +238,8 @@ def test_accumulated_steps_and_precomputed_reference_equal():
 
 
 def test_pair_mask_adds_no_float_mask_on_the_7b_shape():
-  """XLA's temp memory for one 7B attention over a packed row of 2048 tokens
+  """XLA's temp memory for one 7B dense attention (the accelerators' path)
+  over a packed row of 2048 tokens
   is the causal mask's plus at most a boolean [T, T]: no float [N, T, T]
   mask (32 x 2048 x 2048 x 4 bytes) appears."""
   cfg = MistralConfig.mistral_7b()
@@ -254,3 +289,29 @@ def test_config_validates_the_layout():
       validate(bad, 1)
   c.data.preference_layout = "packed"
   validate(c, 1)
+
+
+@pytest.mark.slow
+def test_training_cli_packed_equals_padded(tmp_path):
+  """The tiny recipe (safety pairs + a helpfulness buffer, 2 microbatches,
+  precomputed reference, evaluation) gives the same losses packed."""
+  runs = {}
+  for layout in ("padded", "packed"):
+    workdir = tmp_path / layout
+    proc = subprocess.run(
+        [sys.executable, "-m", "bfpo_jax.train", "--config=configs/tiny.py",
+         f"--workdir={workdir}", "--config.max_steps=3",
+         "--config.data.max_length=64", "--config.data.max_prompt_length=32",
+         "--config.data.buckets=(64,)", "--config.eval_every_steps=3",
+         "--config.export_hf=False", "--config.loss.precompute_reference=True",
+         f"--config.data.preference_layout={layout}"],
+        cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(workdir / "metrics.jsonl") as f:
+      runs[layout] = [json.loads(line) for line in f]
+  for padded, packed in zip(runs["padded"], runs["packed"], strict=True):
+    for key in ("loss", "buffer_loss", "eval/loss", "eval/rewards/accuracy"):
+      if key in padded:
+        np.testing.assert_allclose(packed[key], padded[key], rtol=1e-4,
+                                   atol=1e-5, err_msg=key)
