@@ -1,6 +1,7 @@
 """Packed preference pairs: layout, equal log-probs, losses and gradients."""
 
 import functools
+import importlib
 import json
 import os
 import subprocess
@@ -12,16 +13,18 @@ import numpy as np
 import optax
 import pytest
 
-from bfpo_jax import sharding
+from bfpo_jax import build, sharding
 from bfpo_jax import train_step as ts
-from bfpo_jax.config import ConfigError, default_config, validate
+from bfpo_jax.config import ConfigError, default_config, pack_length, validate
 from bfpo_jax.data import packing, pipeline
 from bfpo_jax.data.sources import DataError
 from bfpo_jax.model import MistralConfig, init_params
 from bfpo_jax.model.mistral import attention_mask, blockwise_attention
+from bfpo_jax.model.tokenizer import load_tokenizer
 from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "bfpo_jax", "data", "tiny")
 
 
 def _pair(prompt, chosen, rejected, safe=(True, False)):
@@ -315,3 +318,36 @@ def test_training_cli_packed_equals_padded(tmp_path):
       if key in padded:
         np.testing.assert_allclose(packed[key], padded[key], rtol=1e-4,
                                    atol=1e-5, err_msg=key)
+
+
+def test_recipe_data_packs_train_buffer_and_eval(tmp_path):
+  c = default_config()
+  c.tokenizer = "mistral"
+  c.data.sources = (f"pku_saferlhf:{TINY}/pku_saferlhf.jsonl",)
+  c.data.buffer_sources = (f"ultrafeedback:{TINY}/ultrafeedback_binarized.jsonl",)
+  c.data.buffer_task, c.data.buffer_weight = "preference", 1.0
+  c.data.eval_fraction = 0.25
+  c.data.max_prompt_length, c.data.max_length = 64, 128
+  c.data.buckets, c.data.preference_layout = (64,), "packed"
+  c.batch.global_size, c.batch.per_device, c.batch.accumulation = 8, 4, 2
+  examples = build.load_examples(c, load_tokenizer())
+  data = build.make_data(c, examples, 1)
+  for batch in (data.train[0], data.train[0]["buffer"]):
+    rows, length = batch["input_ids"].shape
+    assert rows % 2 == 0 and length in (64, 256)  # rows per microbatch
+    assert batch["weight"].sum() == 8
+  assert sum(data.eval_shares) == len(examples.held_out)
+  assert all(b["weight"].sum() == s for b, s in zip(data.eval_batches,
+                                                      data.eval_shares))
+  c.data.pack_length = 40  # shorter than the fixtures' longest pair
+  with pytest.raises(ConfigError, match="data.pack_length: a pair takes"):
+    build.load_examples(c, load_tokenizer())
+
+
+def test_7b_configs_pack_rows_that_hold_any_pair():
+  for name in ("a100x4", "tpu_v4_32", "tpu_v5e_64", "redteam"):
+    c = importlib.import_module(f"configs.{name}").get_config()
+    assert c.data.preference_layout == "packed", name
+    # prompt + longer response <= max_length under trl's rule, so a pair
+    # (+1 for the rejected branch's prompt-token copy) is at most 2x.
+    assert pack_length(c) >= 2 * c.data.max_length
