@@ -28,9 +28,10 @@ from bfpo_jax.data.tokenize import (
 
 MIXTURES = ("concat", "weighted")
 PACK_MODES = ("stream", "examples")
-DEFAULT_BUCKETS = (256, 512, 1024)
-"""Padded lengths of preference batches at the recipe's 1024 tokens: see
-docs/BENCHMARKS.md (packed preference pairs) for how they were chosen."""
+DEFAULT_BUCKETS = (384, 512, 768, 1024)
+"""Padded lengths at the recipe's 1024 tokens: of the sets of at most four,
+the one with the fewest padded tokens on the paper's length mix
+(benchmarks/packing.py, docs/BENCHMARKS.md)."""
 
 
 def _tokenize_chunk(tokenizer, task, options, records):
