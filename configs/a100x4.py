@@ -22,8 +22,8 @@ down_proj trains; prompts keep 512 / pairs 1024 tokens, cut as trl cuts them.
 Pairs are packed (data.preference_layout="packed", data.packing): each
 prompt runs once, [prompt | chosen | rejected], several pairs per row of at
 most 2048 tokens, rows in multiples of 16 (4 devices x 4 microbatches); the
-same pairs take about half the token slots of padded rows, and the stage
-about 0.6x the FLOPs (benchmarks/packing.py, docs/BENCHMARKS.md).
+same pairs take about half the token slots and model FLOPs of padded rows
+(benchmarks/packing.py, docs/BENCHMARKS.md).
 --config.data.preference_layout=padded pads them to the buckets instead.
 
 Memory per device (python -m bfpo_jax.sharding --model mistral_7b --mesh
