@@ -302,12 +302,11 @@ def attach_reference_logps(config, model_cfg, step_cfg, params, examples,
       if str(f["key"]) == key:
         cached, from_cache = (f["chosen"], f["rejected"]), True
   if cached is None:
-    size = config.batch.per_device * data_parallel_size(config,
-                                                        jax.device_count())
+    dp = data_parallel_size(config, jax.device_count())
+    size = config.batch.per_device * dp
     fn = jax.jit(sharding.with_activation_sharding(
         lambda p, b: pair_logps(model_cfg, step_cfg, p, b, mesh), mesh),
         out_shardings=sharding.replicated(mesh))
-    dp = data_parallel_size(config, jax.device_count())
     batches, _ = _eval_batches(pairs, "preference", size,
                                list(config.data.buckets), examples.pad_id,
                                packing_options(config, dp))
