@@ -201,12 +201,15 @@ def examples_dataset(examples_by_source, *, seed, mixture="concat",
   """
   if mixture not in MIXTURES:
     raise DataError(f"mixture must be one of {MIXTURES}, got {mixture!r}")
-  sources = [grain.MapDataset.source(ex) for ex in examples_by_source if ex]
+  kept = [i for i, ex in enumerate(examples_by_source) if ex]
+  sources = [grain.MapDataset.source(examples_by_source[i]) for i in kept]
   if not sources:
     raise DataError("no examples left after validation: see the data report")
   if mixture == "concat":
     return grain.MapDataset.concatenate(sources).seed(seed).shuffle().repeat()
-  weights = weights or [1.0] * len(sources)
+  # An empty source (allowed by data.allow_empty_sources) takes its weight
+  # along, so the others keep theirs.
+  weights = [weights[i] for i in kept] if weights else [1.0] * len(sources)
   repeated = [s.seed(seed + i).shuffle().repeat() for i, s in enumerate(sources)]
   return grain.MapDataset.mix(repeated, weights)
 
