@@ -34,6 +34,10 @@ SINGLE_FILE = "model.safetensors"
 _IGNORED_HF = re.compile(r"rotary_emb\.inv_freq$")
 
 
+class ModelFolderError(ValueError):
+  """A model folder that cannot be loaded (one line, names the folder)."""
+
+
 def hf_name(path: str) -> tuple[str, bool]:
   """HF tensor name of one of our param paths, and whether it is transposed.
 
@@ -70,7 +74,7 @@ def _tensor_files(path: str) -> dict[str, str]:
     with safe_open(single, "numpy") as f:
       return {name: single for name in f.keys()}
   if glob.glob(os.path.join(path, "pytorch_model*.bin")):
-    raise ValueError(
+    raise ModelFolderError(
         f"{path}: only PyTorch pickle weights (pytorch_model*.bin) found; they "
         "are refused because unpickling runs arbitrary code. Convert once, in "
         "a trusted environment: MistralForCausalLM.from_pretrained(path)"
@@ -86,6 +90,13 @@ def load_config(path: str, **overrides) -> MistralConfig:
     raise FileNotFoundError(f"{path}: no config.json (not a model folder)")
   return MistralConfig.from_hf(transformers.AutoConfig.from_pretrained(path),
                                **overrides)
+
+
+def check_folder(path: str) -> None:
+  """Raises, before any weight is read, what :func:`load_hf` would on a
+  folder without ``config.json`` or without safetensors weights."""
+  load_config(path)
+  _tensor_files(path)
 
 
 def load_hf(path: str, dtype=jnp.float32, shardings=None, **config_overrides):
@@ -118,7 +129,7 @@ def load_hf(path: str, dtype=jnp.float32, shardings=None, **config_overrides):
                       if not _IGNORED_HF.search(n)
                       and not (cfg.tie_word_embeddings and n == "lm_head.weight"))
   if missing or unexpected:
-    raise ValueError(f"{path}: checkpoint does not match config.json: "
+    raise ModelFolderError(f"{path}: checkpoint does not match config.json: "
                      f"missing {missing[:5]}, unexpected {unexpected[:5]}")
 
   out = []
@@ -130,7 +141,7 @@ def load_hf(path: str, dtype=jnp.float32, shardings=None, **config_overrides):
       tensor = handles[files[name]].get_tensor(name)
       expected = spec.shape[::-1] if transpose else spec.shape
       if tensor.shape != expected:
-        raise ValueError(f"{path}: {name} has shape {tensor.shape}, "
+        raise ModelFolderError(f"{path}: {name} has shape {tensor.shape}, "
                          f"config.json implies {expected}")
       if transpose:
         tensor = tensor.T
