@@ -314,8 +314,8 @@ def chunked_token_logps_and_greedy(hidden, unembedding, labels, *, chunk_size,
         needed,
         lambda: _chunk_token_logps(hidden_CxD, unembedding, labels_C,
                                    vocab_chunk_size, with_greedy=True),
-        lambda: (jnp.zeros(labels_C.shape, jnp.float32),
-                 jnp.zeros(labels_C.shape, bool)))
+        lambda: (jnp.zeros_like(labels_C, jnp.float32),
+                 jnp.zeros_like(labels_C, bool)))
 
   with jax.named_scope("logps"):
     logps_KxC, greedy_KxC = _map_chunks(one_chunk, *chunks)
