@@ -57,13 +57,27 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
-def check_tasks(names: list[str], task_manager: TaskManager) -> None:
-  """Raises ValueError naming the first task the harness does not know."""
+def task_manager_for(names: list[str], include_path=None) -> TaskManager:
+  """A TaskManager that knows ``names``, else ValueError naming the first
+  unknown one.
+
+  Indexing the harness's ~15k built-in tasks takes seconds; when every name
+  is a plain task of ``include_path`` (no group or tag, which may list
+  built-in tasks), only that folder is indexed.
+  """
+  if include_path:
+    local = TaskManager(include_path=include_path, include_defaults=False)
+    entries = [local.task_index.get(n) for n in names]
+    if all(e is not None and e.kind.name in ("TASK", "PY_TASK")
+           for e in entries):
+      return local
+  task_manager = TaskManager(include_path=include_path)
   known = set(task_manager.all_tasks)
   for name in names:
     if name not in known and not os.path.isfile(name):
       raise ValueError(f"--tasks: unknown task {name!r} (list them with "
                        "`lm-eval ls tasks`; add your own with --include_path)")
+  return task_manager
 
 
 def make_model(model: str, batch_size, model_args: str = "") -> BfpoJaxLM:
@@ -120,8 +134,7 @@ def main(argv=None) -> int:
     return 2
   tasks = [t for t in args.tasks.split(",") if t]
   try:
-    task_manager = TaskManager(include_path=args.include_path)
-    check_tasks(tasks, task_manager)
+    task_manager = task_manager_for(tasks, args.include_path)
     lm = make_model(args.model, args.batch_size, args.model_args)
     results = run(lm, tasks, task_manager=task_manager, limit=args.limit,
                   num_fewshot=args.num_fewshot,

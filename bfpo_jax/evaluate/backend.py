@@ -94,7 +94,6 @@ class BfpoJaxLM(TemplateLM):
                          segment=int(decode_segment))
     self.rows_per_batch = int(batch_size) * self.engine.data_parallel
     self.packing, self.seed = bool(packing), int(seed)
-    self._generated_batches = 0
 
     kwargs = {} if add_bos_token is None else {"add_bos_token": add_bos_token}
     if model.tokenizer == "mistral":
@@ -252,7 +251,7 @@ class BfpoJaxLM(TemplateLM):
     temperature = float(kwargs["temperature"]) if kwargs["do_sample"] else 0.0
     return until, max_gen_toks, temperature, float(kwargs.get("top_p") or 1.0)
 
-  def _generate_group(self, contexts, gen_kwargs, bar):
+  def _generate_group(self, contexts, gen_kwargs, bar, batch_index):
     until, max_gen_toks, temperature, top_p = self._sampling(gen_kwargs)
     max_prompt = self.max_length - max_gen_toks
     prompts = [self._encode_prompt(c)[-max_prompt:] for c in contexts]
@@ -276,9 +275,9 @@ class BfpoJaxLM(TemplateLM):
         text = self.tok_decode(tokens)
         return any(s in text for s in stops)
 
-      rng = jax.random.fold_in(jax.random.key(self.seed),
-                               self._generated_batches)
-      self._generated_batches += 1
+      # Same seed and requests, same samples.
+      rng = jax.random.fold_in(jax.random.key(self.seed), batch_index)
+      batch_index += 1
       tokens = self.engine.generate(
           ids, mask, max_gen_toks, finished=finished, rng=rng,
           temperature=temperature, top_p=top_p, eos_token_id=eos,
@@ -288,7 +287,7 @@ class BfpoJaxLM(TemplateLM):
         row = row[:row.index(eos)] if eos in row else row
         out[i] = postprocess_generated_text(self.tok_decode(row), until, None)
       bar.update(len(chunk))
-    return out
+    return out, batch_index
 
   def generate_until(self, requests, disable_tqdm: bool = False):
     """Greedy or sampled continuations up to a stop string, EOS or
@@ -299,18 +298,17 @@ class BfpoJaxLM(TemplateLM):
       key = json.dumps(req.args[1], sort_keys=True, default=str)
       groups.setdefault(key, []).append(i)
     results = [None] * len(requests)
-    first_batch = self._generated_batches
+    n_batches = 0
     with tqdm(total=len(requests), desc="bfpo_jax generate_until",
               disable=disable_tqdm or jax.process_index() != 0) as bar:
       for indices in groups.values():
         contexts = [requests[i].args[0] for i in indices]
-        texts = self._generate_group(contexts, requests[indices[0]].args[1],
-                                     bar)
+        texts, n_batches = self._generate_group(
+            contexts, requests[indices[0]].args[1], bar, n_batches)
         for i, text in zip(indices, texts):
           results[i] = text
           self.cache_hook.add_partial("generate_until", requests[i].args, text)
-    self._log("generate_until", len(requests),
-              self._generated_batches - first_batch)
+    self._log("generate_until", len(requests), n_batches)
     return results
 
   def get_model_info(self) -> dict:

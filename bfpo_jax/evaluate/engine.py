@@ -118,23 +118,25 @@ class Engine:
         for.
 
     Returns:
-      [R, G] generated tokens, G >= max_new_tokens rounded up to a segment;
-      only the first ``max_new_tokens`` count.
+      [R, G] generated tokens: G is a whole number of segments, fewer than
+      ``max_new_tokens`` when every row ended early, else at least that many
+      (only the first ``max_new_tokens`` count).
     """
     r, p = input_ids_RxP.shape
-    steps = -(-max_new_tokens // self.segment) * self.segment
+    segment = min(self.segment, max_new_tokens)
+    steps = -(-max_new_tokens // segment) * segment
     self.shapes.add(("prefill", r, p, p + steps))
     state = self._prefill(self.params, self._rows(input_ids_RxP),
                           self._rows(np.asarray(mask_RxP, bool)), p + steps,
                           rng)
     done = np.zeros(r, bool) if active is None else ~np.asarray(active)
     pieces = []
-    for _ in range(steps // self.segment):
-      self.shapes.add(("decode", r, p + steps, self.segment))
+    for _ in range(steps // segment):
+      self.shapes.add(("decode", r, p + steps, segment))
       state, tokens = self._decode(self.params, state, jnp.float32(temperature),
                                    jnp.float32(top_p), jnp.int32(eos_token_id),
                                    jnp.int32(pad_token_id),
-                                   num_steps=self.segment)
+                                   num_steps=segment)
       pieces.append(_to_host(tokens))
       so_far = np.concatenate(pieces, axis=1)[:, :max_new_tokens]
       for row in np.flatnonzero(~done):
