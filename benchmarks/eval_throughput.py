@@ -5,7 +5,7 @@
 One tiny random float32 Mistral saved as an HF folder (the real 32k Mistral
 tokenizer), one set of requests built from the bundled UltraChat rows, sent
 to the lm-evaluation-harness's ``hf`` backend (PyTorch ``transformers``) and
-to ``bfpo_jax`` (bucketed rows, and packed rows):
+to ``bfpo_jax`` (packed rows, its default, and bucketed rows):
 
 * ``loglikelihood``: multiple-choice questions, 4 answers each (a user turn as
   context, assistant sentences as the choices);
@@ -36,8 +36,8 @@ import profiling
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2)
-BACKENDS = {"hf": ("hf", ""), "bfpo_jax": ("bfpo_jax", ""),
-            "bfpo_jax_packed": ("bfpo_jax", ",packing=True")}
+BACKENDS = {"hf": ("hf", ""), "bfpo_jax": ("bfpo_jax", ",packing=True"),
+            "bfpo_jax_bucketed": ("bfpo_jax", ",packing=False")}
 
 
 def make_folder(path, shape):
@@ -114,7 +114,7 @@ def summarise(per_backend):
         "warm_requests_per_s": n / sum(k["warm_s"] for k in kinds.values()),
         "cold_requests_per_s": n / sum(k["cold_s"] for k in kinds.values())}
   hf = summary["hf"]
-  for backend in ("bfpo_jax", "bfpo_jax_packed"):
+  for backend in ("bfpo_jax", "bfpo_jax_bucketed"):
     mine = summary[backend]
     summary[f"ratio_{backend}_to_hf"] = {
         "warm": mine["warm_requests_per_s"] / hf["warm_requests_per_s"],
@@ -128,9 +128,9 @@ def summarise(per_backend):
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--json", help="write results here")
-  parser.add_argument("--questions", type=int, default=64)
-  parser.add_argument("--documents", type=int, default=16)
-  parser.add_argument("--prompts", type=int, default=16)
+  parser.add_argument("--questions", type=int, default=256)
+  parser.add_argument("--documents", type=int, default=32)
+  parser.add_argument("--prompts", type=int, default=64)
   parser.add_argument("--max_gen_toks", type=int, default=32)
   parser.add_argument("--batch_size", type=int, default=8)
   parser.add_argument("--max_length", type=int, default=512)

@@ -107,11 +107,12 @@ LOGLIKELIHOOD = [
 ]
 
 
-@pytest.mark.parametrize("packing", [False, True])
+@pytest.mark.parametrize("packing", [True, False])
 def test_loglikelihood_equals_hf_backend(folder, hf, ours, packing):
-  lm = ours if not packing else BfpoJaxLM(
+  assert ours.packing  # the default
+  lm = ours if packing else BfpoJaxLM(
       pretrained=folder, dtype="float32", batch_size=2,
-      max_length=MAX_LENGTH, packing=True)
+      max_length=MAX_LENGTH, packing=False)
   greedy = _greedy_requests(hf, [f"Story number {i} begins" for i in range(12)]
                             + ["The", "I think that", "Once upon a"])
   assert greedy, "no context with a greedy one-token word continuation"
@@ -292,7 +293,8 @@ TINY_TASKS = ["bfpo_tiny_mc", "bfpo_tiny_gen", "bfpo_tiny_ppl"]
 @pytest.mark.slow
 def test_tasks_end_to_end_equal_hf_and_eight_devices(tmp_path, folder, hf):
   """Multiple choice, generation and perplexity tasks through simple_evaluate:
-  the CLI on 1 device equals the hf backend, and 8 devices equal 1."""
+  the CLI on 1 device equals the hf backend, and 8 devices (with bucketed
+  rows instead of packed ones) equal 1."""
   common = ["--model", folder, "--tasks", ",".join(TINY_TASKS),
             "--include_path", TASKS, "--bootstrap_iters", "0"]
   one = str(tmp_path / "one")
@@ -313,7 +315,8 @@ def test_tasks_end_to_end_equal_hf_and_eight_devices(tmp_path, folder, hf):
 
   eight = str(tmp_path / "eight")
   proc = _run_cli(*common, "--out", eight, "--batch_size", "1", "--model_args",
-                  f"max_length={MAX_LENGTH},data=2,fsdp=4", devices=8)
+                  f"max_length={MAX_LENGTH},data=2,fsdp=4,packing=False",
+                  devices=8)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "mesh {'data': 2, 'fsdp': 4, 'tensor': 1}" in proc.stderr
   assert "compiled shapes" in proc.stderr
@@ -373,8 +376,14 @@ def test_batches_place_every_row_once_in_few_shapes():
     for b in batches:
       for _, line, start, end in b.placements:
         np.testing.assert_array_equal(b.labels[line, start:end], [7, 8])
+        positions = b.score_positions[line, start:end]
+        np.testing.assert_array_equal(b.input_ids[line, positions], [1, 7])
         assert b.score_mask[line, start:end].all()
+        assert (b.segment_ids[line, positions] > 0).all()
       assert b.score_mask.sum() == 2 * len(b.placements)
+      most = max(np.bincount([p[1] for p in b.placements]))
+      assert b.score_positions.shape[1] == batching.bucket_length(
+          2 * most, b.input_ids.shape[1])
   packed = list(batching.packed_batches(rows, 4, 256))
   bucketed = list(batching.bucketed_batches(rows, 4, 256))
   assert batching.padding_share(packed) < batching.padding_share(bucketed)

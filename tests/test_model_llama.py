@@ -101,6 +101,7 @@ def test_save_hf_writes_a_llama_folder_transformers_loads(llama, tmp_path):
   assert hf_io.load_config(out) == cfg
 
 
+@pytest.mark.parametrize("llama", ["mha_biases_llama3"], indirect=True)
 def test_cached_greedy_equals_transformers(llama):
   _, _, hf_model, cfg, params = llama
   ids = np.random.default_rng(2).integers(3, VOCAB, (2, 6))

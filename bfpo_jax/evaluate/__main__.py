@@ -9,7 +9,8 @@
 ``results.json`` (the harness's results) and ``samples_<task>.jsonl`` (one
 line per request: document, arguments, responses, metrics). Bad arguments, an
 unknown task or an unreadable model stop with one line (exit code 2) before
-anything is written.
+anything is written. On several hosts every process runs the same command,
+as for training, and process 0 writes (not yet tested across processes).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from lm_eval import simple_evaluate
 from lm_eval.tasks import TaskManager
 from lm_eval.utils import handle_non_serializable, make_table, simple_parse_args_string
 
+from bfpo_jax import distributed
 from bfpo_jax.evaluate.backend import BfpoJaxLM
 
 RESULTS_FILE = "results.json"
@@ -54,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--bootstrap_iters", type=int, default=1000,
                  help="bootstrap resamples for standard errors (0: none)")
   p.add_argument("--out", required=True, help="output folder")
+  p.add_argument("--coordinator_address", default=None,
+                 help="host:port of process 0 (multi-process runs outside "
+                 "SLURM/TPU pods, which are detected)")
+  p.add_argument("--num_processes", type=int, default=None)
+  p.add_argument("--process_id", type=int, default=None)
   return p
 
 
@@ -134,13 +141,15 @@ def main(argv=None) -> int:
     return 2
   tasks = [t for t in args.tasks.split(",") if t]
   try:
+    distributed.initialize(args.coordinator_address, args.num_processes,
+                           args.process_id)
     task_manager = task_manager_for(tasks, args.include_path)
     lm = make_model(args.model, args.batch_size, args.model_args)
     results = run(lm, tasks, task_manager=task_manager, limit=args.limit,
                   num_fewshot=args.num_fewshot,
                   apply_chat_template=args.apply_chat_template,
                   bootstrap_iters=args.bootstrap_iters)
-  except (FileNotFoundError, ValueError) as e:
+  except (FileNotFoundError, ValueError, distributed.DistributedError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   if jax.process_index() == 0:

@@ -11,7 +11,7 @@ backend's (this class reuses its ``TemplateLM`` base and copies ``HFLM``'s
 rules where they live in ``HFLM``), so the same requests give the same
 log-likelihoods, greedy flags and greedy generations (tested to 1e-4 in
 float32). What differs is how the work runs: requests are sorted by length and
-batched into a few padded shapes (or packed several to a row), log-probs come
+packed several to a row (or padded to a few bucket lengths), log-probs come
 from the chunked path, generation uses the KV cache, all on a
 ``(data, fsdp, tensor)`` mesh (see :mod:`bfpo_jax.evaluate.engine`).
 """
@@ -63,8 +63,9 @@ class BfpoJaxLM(TemplateLM):
     max_length: context window in tokens; default the model's
       ``max_position_embeddings``, as the ``hf`` backend.
     data, fsdp, tensor: mesh axis sizes (-1: the remaining devices).
-    packing: pack several scoring requests into one row (segment ids)
-      instead of padding each to a bucket length.
+    packing: pack several scoring requests into one row (segment ids);
+      False pads each to a bucket length instead. Packing is the default:
+      it measured faster, warm and cold (docs/BENCHMARKS.md).
     chunk_size: tokens per log-prob chunk.
     decode_segment: tokens decoded between two checks for stop strings.
     seed: PRNG seed for sampled generation.
@@ -76,7 +77,7 @@ class BfpoJaxLM(TemplateLM):
 
   def __init__(self, pretrained, tokenizer=None, dtype="auto",
                batch_size=DEFAULT_BATCH_SIZE, max_length=None, data=1, fsdp=-1,
-               tensor=1, packing=False, chunk_size=64, decode_segment=32,
+               tensor=1, packing=True, chunk_size=64, decode_segment=32,
                seed=0, add_bos_token=None, prefix_token_id=None, device=None,
                max_batch_size=None):
     super().__init__()

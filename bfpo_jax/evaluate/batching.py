@@ -14,7 +14,7 @@ are laid out in one of two ways:
   Levanter's harness backend packs: fewer padded tokens, one compiled shape.
 
 Everything here is numpy; :mod:`bfpo_jax.evaluate.engine` runs the batches.
-Dimension names: R rows of a batch, T tokens.
+Dimension names: R lines of a batch, T tokens, S scored tokens of a line.
 """
 
 from __future__ import annotations
@@ -67,53 +67,69 @@ def bucket_length(n: int, max_length: int) -> int:
 
 @dataclasses.dataclass
 class Batch:
-  """Arrays [R, T] for the model, and where each request's tokens landed."""
+  """A batch of lines [R, T] for the model, and the scored positions [R, S].
 
-  input_ids: np.ndarray  # int32, 0 on padding
-  labels: np.ndarray  # int32
-  score_mask: np.ndarray  # bool: continuation positions
-  segment_ids: np.ndarray  # int32: 1, 2, ... per row in a line; 0 = padding
-  placements: list  # (request index, line, start, end) of scored positions
+  Only the scored positions (continuations) reach the unembedding: their
+  hidden states are gathered into a compact [R, S] layout first, S being a
+  bucket length of the most scored tokens any line holds.
+  """
+
+  input_ids: np.ndarray  # [R, T] int32, 0 on padding
+  segment_ids: np.ndarray  # [R, T] int32: 1, 2, ... per row in a line; 0 pad
+  score_positions: np.ndarray  # [R, S] int32: where each scored token is read
+  labels: np.ndarray  # [R, S] int32: the token predicted there
+  score_mask: np.ndarray  # [R, S] bool: a real scored token
+  placements: list  # (request index, line, start, end) in the [R, S] layout
 
 
-def _empty(rows_per_batch, length):
-  return Batch(np.zeros((rows_per_batch, length), np.int32),
-               np.zeros((rows_per_batch, length), np.int32),
-               np.zeros((rows_per_batch, length), bool),
-               np.zeros((rows_per_batch, length), np.int32), [])
+def _batch(lines, rows, rows_per_batch, length):
+  """Lays out ``lines`` (row indices each, in order) as a :class:`Batch`."""
+  scored = max(sum(rows[i].n_scored for i in members) for members in lines)
+  width = bucket_length(scored, length)
+  batch = Batch(np.zeros((rows_per_batch, length), np.int32),
+                np.zeros((rows_per_batch, length), np.int32),
+                np.zeros((rows_per_batch, width), np.int32),
+                np.zeros((rows_per_batch, width), np.int32),
+                np.zeros((rows_per_batch, width), bool), [])
+  for line, members in enumerate(lines):
+    offset = used = 0
+    for segment, index in enumerate(members, start=1):
+      row = rows[index]
+      n, k = len(row.inputs), row.n_scored
+      batch.input_ids[line, offset:offset + n] = row.inputs
+      batch.segment_ids[line, offset:offset + n] = segment
+      batch.score_positions[line, used:used + k] = np.arange(offset + n - k,
+                                                             offset + n)
+      batch.labels[line, used:used + k] = row.labels[n - k:]
+      batch.score_mask[line, used:used + k] = True
+      batch.placements.append((index, line, used, used + k))
+      offset, used = offset + n, used + k
+  return batch
 
 
-def _place(batch, line, start, segment, index, row):
-  n = len(row.inputs)
-  batch.input_ids[line, start:start + n] = row.inputs
-  batch.labels[line, start:start + n] = row.labels
-  batch.segment_ids[line, start:start + n] = segment
-  batch.score_mask[line, start + n - row.n_scored:start + n] = True
-  batch.placements.append((index, line, start + n - row.n_scored, start + n))
+def _longest_first(rows):
+  return sorted(range(len(rows)), key=lambda i: (-len(rows[i].inputs), i))
 
 
 def bucketed_batches(rows: list[Row], rows_per_batch: int, max_length: int):
   """Yields :class:`Batch` es of ``rows_per_batch`` rows, longest first."""
-  order = sorted(range(len(rows)), key=lambda i: (-len(rows[i].inputs), i))
+  order = _longest_first(rows)
   for start in range(0, len(order), rows_per_batch):
     chunk = order[start:start + rows_per_batch]
-    batch = _empty(rows_per_batch,
-                   bucket_length(len(rows[chunk[0]].inputs), max_length))
-    for line, index in enumerate(chunk):
-      _place(batch, line, 0, 1, index, rows[index])
-    yield batch
+    yield _batch([[i] for i in chunk], rows, rows_per_batch,
+                 bucket_length(len(rows[chunk[0]].inputs), max_length))
 
 
 def packed_batches(rows: list[Row], rows_per_batch: int, max_length: int):
   """Yields :class:`Batch` es of lines holding several rows each.
 
   Lines are ``bucket_length`` of the longest row, so every batch has the
-  same shape; rows go best-fit, longest first (into the fullest line with
+  same length; rows go best-fit, longest first (into the fullest line with
   room).
   """
   if not rows:
     return
-  order = sorted(range(len(rows)), key=lambda i: (-len(rows[i].inputs), i))
+  order = _longest_first(rows)
   length = bucket_length(len(rows[order[0]].inputs), max_length)
   lines = []  # row indices per line
   room = []  # sorted (free tokens, line) of lines
@@ -128,13 +144,8 @@ def packed_batches(rows: list[Row], rows_per_batch: int, max_length: int):
     lines[line].append(index)
     bisect.insort(room, (free - n, line))
   for start in range(0, len(lines), rows_per_batch):
-    batch = _empty(rows_per_batch, length)
-    for line_index, members in enumerate(lines[start:start + rows_per_batch]):
-      offset = 0
-      for segment, index in enumerate(members, start=1):
-        _place(batch, line_index, offset, segment, index, rows[index])
-        offset += len(rows[index].inputs)
-    yield batch
+    yield _batch(lines[start:start + rows_per_batch], rows, rows_per_batch,
+                 length)
 
 
 def padding_share(batches: list[Batch]) -> float:

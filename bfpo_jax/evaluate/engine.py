@@ -5,15 +5,17 @@ One :class:`Engine` holds a model placed on a mesh the way training places it
 rows of every batch over ``data`` x ``fsdp``, activations pinned to rows) and
 two kinds of compiled function, one per shape it meets:
 
-* ``score``: final hidden states (:func:`bfpo_jax.model.apply_hidden`), then
-  the chunked log-probs with argmax flags per device on its own rows
+* ``score``: final hidden states (:func:`bfpo_jax.model.apply_hidden`), the
+  scored positions' gathered, then the chunked log-probs with argmax flags
+  per device on its own rows
   (:func:`bfpo_jax.losses.chunked_token_logps_and_greedy`; no [B, T, V]
-  logits, chunks without a scored token skipped).
+  logits, and no logits at all for context tokens).
 * ``prefill`` / ``decode``: :mod:`bfpo_jax.model.generate`'s KV-cache decoding,
   run ``segment`` tokens at a time so a batch stops as soon as every row has
   ended (EOS or a stop string, checked on the host between segments).
 
-Dimension names: R rows, T tokens, P prompt tokens, G generated tokens.
+Dimension names: R rows, T tokens, S scored tokens, P prompt tokens, G
+generated tokens.
 """
 
 from __future__ import annotations
@@ -38,12 +40,16 @@ def _to_host(x) -> np.ndarray:
   return np.asarray(jax.device_get(x))
 
 
-def _score(params, input_ids, labels, score_mask, segment_ids, *, cfg,
-           chunk_size, mesh):
+def _score(params, input_ids, segment_ids, positions, labels, score_mask, *,
+           cfg, chunk_size, mesh):
   hidden_RxTxD = apply_hidden(cfg, params, input_ids, segment_ids=segment_ids)
   w_DxV = unembedding(cfg, params).astype(cfg.dtype)
-  def per_device(h, w, y, m):
-    return losses.chunked_token_logps_and_greedy(h, w, y, mask=m,
+
+  def per_device(h_RxTxD, w, positions_RxS, y, m):
+    # Only scored positions reach the unembedding (a continuation is often
+    # a tenth of its row).
+    h_RxSxD = jnp.take_along_axis(h_RxTxD, positions_RxS[..., None], axis=1)
+    return losses.chunked_token_logps_and_greedy(h_RxSxD, w, y, mask=m,
                                                  chunk_size=chunk_size)
 
   rows = PartitionSpec(sharding.BATCH_AXES)
@@ -51,10 +57,10 @@ def _score(params, input_ids, labels, score_mask, segment_ids, *, cfg,
   # train_step.sequence_logps, XLA would otherwise all-reduce every chunk's
   # logits over the model width.
   return jax.shard_map(per_device, mesh=mesh,
-                       in_specs=(rows, PartitionSpec(), rows, rows),
+                       in_specs=(rows, PartitionSpec(), rows, rows, rows),
                        out_specs=(rows, rows),
                        axis_names=frozenset(sharding.BATCH_AXES))(
-                           hidden_RxTxD, w_DxV, labels, score_mask)
+                           hidden_RxTxD, w_DxV, positions, labels, score_mask)
 
 
 class Engine:
@@ -90,11 +96,13 @@ class Engine:
                                         lambda index: x[index])
 
   def score(self, batch):
-    """``(logps [R, T] float32, greedy [R, T] bool)`` of a batching.Batch."""
-    self.shapes.add(("score",) + batch.input_ids.shape)
+    """``(logps [R, S] float32, greedy [R, S] bool)`` of a batching.Batch."""
+    self.shapes.add(("score",) + batch.input_ids.shape
+                    + batch.score_positions.shape[1:])
     logps, greedy = self._score(
-        self.params, self._rows(batch.input_ids), self._rows(batch.labels),
-        self._rows(batch.score_mask), self._rows(batch.segment_ids))
+        self.params, self._rows(batch.input_ids),
+        self._rows(batch.segment_ids), self._rows(batch.score_positions),
+        self._rows(batch.labels), self._rows(batch.score_mask))
     return _to_host(logps), _to_host(greedy)
 
   def generate(self, input_ids_RxP, mask_RxP, max_new_tokens: int, *,
