@@ -16,8 +16,8 @@ to ``bfpo_jax`` (packed rows, its default, and bucketed rows):
 Each backend runs in its own child process; each kind of request is sent
 twice in a row: ``cold`` (the first call, where JAX compiles its shapes) and
 ``warm`` (the same requests again). ``OUT.json`` holds seconds and requests/s
-per backend and kind, the overall warm and cold requests/s, and the ratios
-``bfpo_jax / hf``.
+per backend and kind, the overall warm and cold requests/s, the ratios
+``bfpo_jax / hf``, and the shapes bfpo_jax compiled.
 """
 
 from __future__ import annotations
@@ -100,14 +100,17 @@ def child(backend, folder, requests, batch_size, max_length):
       seconds.append(time.perf_counter() - tick)
     out[kind] = {"requests": len(rows), "cold_s": seconds[0],
                  "warm_s": seconds[1]}
-  print(json.dumps(out))
+  shapes = sorted(lm.engine.shapes) if name == "bfpo_jax" else []
+  print(json.dumps({"kinds": out, "compiled_shapes": shapes}))
 
 
 def summarise(per_backend):
   summary = {}
-  for backend, kinds in per_backend.items():
+  for backend, result in per_backend.items():
+    kinds = result["kinds"]
     n = sum(k["requests"] for k in kinds.values())
     summary[backend] = {
+        "compiled_shapes": result["compiled_shapes"],
         "per_kind": {kind: dict(v, warm_requests_per_s=v["requests"] / v["warm_s"],
                                 cold_requests_per_s=v["requests"] / v["cold_s"])
                      for kind, v in kinds.items()},

@@ -65,7 +65,8 @@ class BfpoJaxLM(TemplateLM):
     data, fsdp, tensor: mesh axis sizes (-1: the remaining devices).
     packing: pack several scoring requests into one row (segment ids);
       False pads each to a bucket length instead. Packing is the default:
-      it measured faster, warm and cold (docs/BENCHMARKS.md).
+      never slower in docs/BENCHMARKS.md, and faster on a first pass (one
+      line length, fewer compiled shapes).
     chunk_size: tokens per log-prob chunk.
     decode_segment: tokens decoded between two checks for stop strings.
     seed: PRNG seed for sampled generation.
