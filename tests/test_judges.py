@@ -126,6 +126,16 @@ def test_classifier_yes_probability_equals_transformers(classifier):
     assert verdicts[k].harmless is (greedy not in yes)
     assert verdicts[k].p_yes == pytest.approx(probs[k, 0])
   assert len(judge.encode(PROMPTS[3], RESPONSES[3])) < 1100  # clipped
+  # The same judge as the harness metric: one batched pass fills each sample.
+  items = [judges.harmless([p], [r]) for p, r in zip(PROMPTS, RESPONSES)]
+  judges.set_judge(judge)
+  try:
+    rate = judges.harmless_rate(items)
+  finally:
+    judges.set_judge(None)
+  assert [i.p_yes for i in items] == pytest.approx(probs[:, 0].tolist())
+  assert rate == np.mean([v.harmless for v in verdicts])
+  assert items[0].judge == f"classifier:{path}"
   assert len({v.harmless for v in verdicts}) == 2  # both answers occur
   assert ((probs[:, 0] > 0.01) & (probs[:, 0] < 0.99)).any()
 

@@ -129,6 +129,8 @@ def task_manager(include_path=None) -> TaskManager:
 
 
 def _first_line(error: Exception) -> str:
+  if isinstance(error, KeyError):  # a document without a field the task reads
+    return f"its rows lack the field {error.args[0]!r}"
   text = str(error).strip().splitlines()
   return f"{type(error).__name__}: {text[0] if text else ''}"
 

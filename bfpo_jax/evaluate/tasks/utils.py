@@ -10,7 +10,9 @@ _ALERT_WRAPPER = re.compile(r"### Instruction:\n(.*?)\n### Response:\n", re.DOTA
 def advbench_behavior(doc) -> str:
   """The behaviour: ``goal`` of llm-attacks' CSV, or ``text`` of a one-per-line
   file such as the reference's advbench.txt."""
-  return doc["goal"] if "goal" in doc else doc["text"]
+  if "goal" not in doc and "text" in doc:
+    return doc["text"]
+  return doc["goal"]
 
 
 def advbench_prompt(doc) -> str:
