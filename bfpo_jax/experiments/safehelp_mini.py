@@ -182,8 +182,9 @@ def evaluate(model_dir: str, s: Settings, tokenizer) -> dict:
     out[f"log_odds_answer_{kind}"] = float(np.mean(
         rollout.answer_log_odds(cfg, params, tokenizer, first)))
     step = max(1, len(requests) // s.samples)
-    out["samples"] += [{"kind": kind, "request": requests[i].text,
-                        "response": texts[i], "verdict": verdicts[i]}
+    out["samples"] += [{"kind": kind, "topic": requests[i].topic,
+                        "request": requests[i].text, "response": texts[i],
+                        "verdict": verdicts[i]}
                        for i in range(0, len(requests), step)][:s.samples]
   out["mean"] = (out["harmless_rate"] + out["helpful_rate"]) / 2
   return out
