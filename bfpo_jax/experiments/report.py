@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from bfpo_jax.experiments.judge import VERDICTS
+
 LABELS = {"sft": "SFT (start of every run)", "dpo_helpful": "DPO, helpfulness only",
           "dpo_safety": "DPO, safety only", "dpo_mix": "DPO, naive mix",
           "ipo_mix": "IPO, naive mix", "bfpo": "BFPO, naive mix"}
@@ -15,27 +17,46 @@ def _cell(entry, key):
 def table(results: dict) -> str:
   """Markdown table: rates as mean ± sample std over seeds."""
   n = len(results["settings"]["seeds"])
-  lines = ["| model | harmless rate | helpful rate | mean | answer log-odds, "
-           "benign / harmful |",
-           "|---|---|---|---|---|"]
+  lines = ["| model | harmless rate | helpful rate | mean | harmful requests "
+           "answered | answer log-odds, benign / harmful |",
+           "|---|---|---|---|---|---|"]
   rows = [("sft", results["sft"])] + list(results["models"].items())
   for name, entry in rows:
     lines.append(
         f"| {LABELS[name]} | {_cell(entry, 'harmless_rate')} | "
         f"{_cell(entry, 'helpful_rate')} | {_cell(entry, 'mean')} | "
+        f"{_cell(entry, 'harmful_answer_rate')} | "
         f"{entry['log_odds_answer_benign']:+.1f} / "
         f"{entry['log_odds_answer_harmful']:+.1f} |")
   lines.append("")
   lines.append(f"Preference models: mean ± sample std over {n} seed(s). "
                "Harmless rate: share of held-out harmful requests refused; "
                "helpful rate: share of held-out benign requests answered; "
-               "log-odds: log P(answer) - log P(refusal), mean over held-out "
-               "topics.")
+               "harmful requests answered: share given steps naming the "
+               "harmful topic (the rest of the unrefused are off-topic or "
+               "broken); log-odds: log P(answer) - log P(refusal), mean over "
+               "held-out topics.")
+  return "\n".join(lines)
+
+
+def verdict_table(results: dict) -> str:
+  """Markdown table of the judge's verdicts, summed over seeds."""
+  head = " | ".join(f"{kind} {v}" for kind in ("benign", "harmful")
+                    for v in VERDICTS)
+  lines = [f"| model | {head} |", "|---" * (1 + 2 * len(VERDICTS)) + "|"]
+  rows = [("sft", [results["sft"]])] + [
+      (name, entry["per_seed"]) for name, entry in results["models"].items()]
+  for name, runs in rows:
+    counts = [sum(r[f"verdicts_{kind}"][v] for r in runs)
+              for kind in ("benign", "harmful") for v in VERDICTS]
+    lines.append(f"| {LABELS[name]} | " + " | ".join(map(str, counts)) + " |")
   return "\n".join(lines)
 
 
 def write_markdown(results: dict, path: str):
   parts = ["# SafeHelp-mini results", "", table(results), "",
+           "## Verdicts on the held-out requests (all seeds)", "",
+           verdict_table(results), "",
            "## Sample generations (greedy, held-out requests, first seed)", ""]
   rows = [("sft", results["sft"])] + list(results["models"].items())
   for name, entry in rows:

@@ -88,6 +88,24 @@ def full() -> Settings:
   return Settings()
 
 
+def with_overrides(s: Settings, assignments: list[str]) -> Settings:
+  """``["beta=0.1", "seeds=0,1"]`` -> ``s`` with those fields replaced."""
+  changes = {}
+  for text in assignments:
+    name, sep, value = text.partition("=")
+    if not sep or name not in Settings.__dataclass_fields__:
+      raise ConfigError(f"--set {text!r}: expected FIELD=VALUE with FIELD one "
+                        f"of {', '.join(Settings.__dataclass_fields__)}")
+    default = getattr(s, name)
+    try:
+      changes[name] = (tuple(int(v) for v in value.split(","))
+                       if isinstance(default, tuple) else type(default)(value))
+    except ValueError:
+      raise ConfigError(f"--set {text!r}: {value!r} is not a "
+                        f"{type(default).__name__}") from None
+  return dataclasses.replace(s, **changes)
+
+
 def quick() -> Settings:
   return Settings(seeds=(0,), sft_steps=60, steps=4, n_helpfulness=64,
                   n_safety=64, eval_fraction=0.125)
@@ -166,15 +184,22 @@ def write_initial_model(path: str, s: Settings, tokenizer) -> str:
 
 
 def evaluate(model_dir: str, s: Settings, tokenizer) -> dict:
-  """Rates, answer log-odds and sample generations on held-out requests."""
+  """Rates, answer log-odds and sample generations on held-out requests.
+
+  Every generation and its verdict also go to ``generations.jsonl`` next to
+  ``model_dir``.
+  """
   cfg, params = load_hf(model_dir)
-  out = {"samples": []}
+  out, generations = {"samples": []}, []
   for kind, rate, wanted in ((world.HARMFUL, "harmless_rate", judge.REFUSAL),
                              (world.BENIGN, "helpful_rate", judge.ANSWER)):
     requests = world.requests(kind, "eval")
     texts = rollout.respond(cfg, params, tokenizer, requests,
                             max_new_tokens=s.max_new_tokens)
     verdicts = [judge.verdict(t, r.topic) for t, r in zip(texts, requests)]
+    generations += [{"kind": kind, "topic": r.topic, "request": r.text,
+                     "response": t, "verdict": v}
+                    for r, t, v in zip(requests, texts, verdicts)]
     out[rate] = verdicts.count(wanted) / len(verdicts)
     out[f"verdicts_{kind}"] = {v: verdicts.count(v) for v in judge.VERDICTS}
     # One phrasing per topic is enough for a mean log-odds.
@@ -186,11 +211,18 @@ def evaluate(model_dir: str, s: Settings, tokenizer) -> dict:
                         "request": requests[i].text, "response": texts[i],
                         "verdict": verdicts[i]}
                        for i in range(0, len(requests), step)][:s.samples]
+  with open(os.path.join(os.path.dirname(model_dir), "generations.jsonl"),
+            "w") as f:
+    f.writelines(json.dumps(g) + "\n" for g in generations)
   out["mean"] = (out["harmless_rate"] + out["helpful_rate"]) / 2
+  # Neither refused nor answered is not harmless by the rule above; this is
+  # the share that actually gives the harmful steps.
+  out["harmful_answer_rate"] = (out[f"verdicts_{world.HARMFUL}"][judge.ANSWER]
+                                / len(world.requests(world.HARMFUL, "eval")))
   return out
 
 
-RATES = ("harmless_rate", "helpful_rate", "mean")
+RATES = ("harmless_rate", "helpful_rate", "mean", "harmful_answer_rate")
 
 
 def aggregate(per_seed: list[dict]) -> dict:
@@ -225,8 +257,13 @@ def _check_out_dir(out: str, s: Settings):
     json.dump(wanted, f, indent=2)
 
 
-def run(out: str, s: Settings, log=print) -> dict:
-  """The whole experiment; returns (and writes) the results dict."""
+def run(out: str, s: Settings, models=MODELS, log=print) -> dict:
+  """The whole experiment (or some of its ``models``); returns and writes
+  the results dict."""
+  unknown = sorted(set(models) - set(MODELS))
+  if unknown:
+    raise ConfigError(f"--models: unknown {', '.join(unknown)}; expected some "
+                      f"of {', '.join(MODELS)}")
   _check_out_dir(out, s)
   clock = time.perf_counter()
   files = world.write_data(os.path.join(out, "data"),
@@ -242,7 +279,7 @@ def run(out: str, s: Settings, log=print) -> dict:
   results["sft"]["eval_loss"] = summary["eval"]["loss"]
   seconds = {"sft": time.perf_counter() - clock}
   results["models"] = {}
-  for name in MODELS:
+  for name in [m for m in MODELS if m in models]:
     start, per_seed = time.perf_counter(), []
     for seed in s.seeds:
       log(f"{name} seed {seed}: {s.steps} steps from the SFT model")
@@ -270,6 +307,12 @@ def main(argv=None):
                       help="folder for results.json/.md/.png, data and runs")
   parser.add_argument("--quick", action="store_true",
                       help="CI smoke run: a few steps, one seed")
+  parser.add_argument("--set", action="append", default=[],
+                      metavar="FIELD=VALUE",
+                      help="change a Settings field, e.g. --set beta=0.1 "
+                      "--set seeds=0 (for the README's investigations)")
+  parser.add_argument("--models", default=",".join(MODELS),
+                      help="comma-separated subset of " + ",".join(MODELS))
   args = parser.parse_args(argv)
   from absl import logging
 
@@ -279,7 +322,8 @@ def main(argv=None):
                     os.path.join(os.path.abspath(args.out), "jax_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   try:
-    results = run(args.out, quick() if args.quick else full())
+    settings = with_overrides(quick() if args.quick else full(), args.set)
+    results = run(args.out, settings, models=args.models.split(","))
   except (ConfigError, DataError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
