@@ -78,7 +78,7 @@ def plot(results: dict, path: str):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, ax = plt.subplots(figsize=(6, 5))
+  fig, ax = plt.subplots(figsize=(8.5, 5))
   colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
   sft = results["sft"]
   ax.scatter([sft["helpful_rate"]], [sft["harmless_rate"]], marker="x",
@@ -99,7 +99,12 @@ def plot(results: dict, path: str):
   ax.set_title("SafeHelp-mini: helpful and harmless?")
   ax.axhline(0.5, color="grey", lw=0.5)
   ax.axvline(0.5, color="grey", lw=0.5)
-  ax.legend(fontsize=7, loc="lower left")
+  for x, y, text in ((0.98, 0.98, "helpful and harmless"),
+                     (0.98, 0.02, "helpful, harmful"),
+                     (0.02, 0.98, "harmless, unhelpful")):
+    ax.text(x, y, text, transform=ax.transAxes, color="grey", fontsize=8,
+            ha="right" if x > 0.5 else "left", va="top" if y > 0.5 else "bottom")
+  ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
