@@ -64,7 +64,7 @@ def test_safehelp_mini_quick_runs_and_shows_every_model(tmp_path):
                         capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = proc.stdout
-  assert "-> 'Sorry, I can't help with that.': refusal" in out
+  assert '-> "Sorry, I can\'t help with that.": refusal' in out
   assert "-> 'Sure. Step 1: paint a chair.': other" in out
   for label in ("DPO, helpfulness only", "DPO, safety only", "DPO, naive mix",
                 "IPO, naive mix", "BFPO, naive mix"):

@@ -15,7 +15,7 @@ import pytest
 from bfpo_jax import losses
 from bfpo_jax.config import ConfigError, validate
 from bfpo_jax.data.sources import SourceSpec, load_records
-from bfpo_jax.experiments import judge, rollout, safehelp_mini, world
+from bfpo_jax.experiments import judge, report, rollout, safehelp_mini, world
 from bfpo_jax.model.generate import generate
 from bfpo_jax.model.mistral import apply, init_params
 from tests.helpers import tiny_config
@@ -314,7 +314,8 @@ def test_quick_run_writes_the_table_plot_and_sane_results(tmp_path):
     assert len(entry["per_seed"]) == 1
     assert "rewards/margins/safe_safe" in entry["per_seed"][0]["pairs"]
   assert results["data"]["sft"]["rows"] == 1920
-  table = (out / "results.md").read_text()
-  assert table.count("\n| ") == 7  # header and six models
-  assert "BFPO, naive mix" in proc.stdout
+  markdown = (out / "results.md").read_text()
+  assert report.table(results) in markdown and report.table(results) in proc.stdout
+  assert report.verdict_table(results) in markdown
+  assert markdown.count("| BFPO, naive mix |") == 2
   assert (out / "results.png").stat().st_size > 10_000

@@ -107,7 +107,7 @@ def with_overrides(s: Settings, assignments: list[str]) -> Settings:
 
 
 def quick() -> Settings:
-  return Settings(seeds=(0,), sft_steps=60, steps=4, n_helpfulness=64,
+  return Settings(seeds=(0,), sft_steps=20, steps=4, n_helpfulness=64,
                   n_safety=64, eval_fraction=0.125)
 
 
