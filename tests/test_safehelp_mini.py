@@ -228,10 +228,9 @@ def test_answer_log_odds_match_full_logits():
   from bfpo_jax.data.tokenize import ChatTokenizer
 
   chat = ChatTokenizer(tok)
-  prompt = chat.encode_prompt(request.messages)
-
   def logp(text):
-    ids = prompt + chat.encode_response(text)
+    prompt, response, _ = chat.encode_pair(request.messages, text, text)
+    ids = prompt + response
     logits = apply(cfg, params, jnp.array([ids]))[0]
     logps = jax.nn.log_softmax(logits[:-1], axis=-1)
     return sum(float(logps[t - 1, ids[t]]) for t in range(len(prompt), len(ids)))

@@ -109,10 +109,10 @@ def answer_log_odds(cfg, params, tokenizer, requests: list[world.Request]):
   chat = ChatTokenizer(tokenizer)
   rows, prompt_lengths = [], []
   for r in requests:
-    prompt = chat.encode_prompt(r.messages)
     for text in ([t.format(topic=r.topic) for t in world.ANSWER_TEMPLATES]
                  + list(world.REFUSAL_TEMPLATES)):
-      rows.append(prompt + chat.encode_response(text))
+      prompt, response, _ = chat.encode_pair(r.messages, text, text)
+      rows.append(prompt + response)
       prompt_lengths.append(len(prompt))
   length = max(map(len, rows))
   ids = np.full((len(rows), length), tokenizer.eos_token_id, np.int32)
