@@ -19,6 +19,7 @@ from bfpo_jax import sharding
 from bfpo_jax.config import ConfigError, data_parallel_size, pack_length
 from bfpo_jax.data import packing, pipeline
 from bfpo_jax.data.sources import SourceSpec
+from bfpo_jax.model import hf_io
 from bfpo_jax.model.config import MistralConfig
 from bfpo_jax.model.hf_io import load_config, load_hf
 from bfpo_jax.model.mistral import init_params
@@ -37,6 +38,28 @@ def model_source(config) -> str:
   return source
 
 
+def check_model_source(config) -> None:
+  """Refuses, in one line and before anything loads, a model source that
+  cannot load: a run workdir without an export, a folder without
+  ``config.json``, or one with only PyTorch pickle weights."""
+  given = config.init_from or config.model.hf_path
+  if not given:
+    return
+  field = "init_from" if config.init_from else "model.hf_path"
+  source = model_source(config)
+  checkpoints = os.path.join(given, "checkpoints")
+  if source == given and os.path.isdir(checkpoints) and any(
+      name.isdigit() for name in os.listdir(checkpoints)):
+    raise ConfigError(
+        f"{field}: {given} is a run workdir with checkpoints but no "
+        f"{EXPORT_DIR}/; export its latest checkpoint first: python -m "
+        f"bfpo_jax.train --export_only --workdir {given}")
+  try:
+    hf_io.check_folder(source)
+  except (FileNotFoundError, hf_io.ModelFolderError) as e:
+    raise ConfigError(f"{field}: {e}") from None
+
+
 def load_model(config, mesh):
   """``(model_cfg, params)`` with params placed on their shardings."""
   param_dtype = jnp.dtype(config.model.param_dtype)
@@ -51,7 +74,10 @@ def load_model(config, mesh):
                                                       **run)
   shardings = sharding.named(mesh, sharding.param_specs(cfg, dict(mesh.shape)))
   if source:
-    _, params = load_hf(source, dtype=param_dtype, shardings=shardings)
+    try:
+      _, params = load_hf(source, dtype=param_dtype, shardings=shardings)
+    except hf_io.ModelFolderError as e:
+      raise ConfigError(str(e)) from None
   else:
     init = jax.jit(init_params, static_argnums=0, out_shardings=shardings)
     params = init(cfg, jax.random.key(config.seed))

@@ -7,6 +7,7 @@ are the public interface of the training CLI.
 
 from __future__ import annotations
 
+import math
 import os
 
 import ml_collections
@@ -81,6 +82,8 @@ def default_config() -> ml_collections.ConfigDict:
   # across examples (the reference's trl packing); examples: whole examples
   # per row, attention within each
   c.data.revision = ""  # pin hub datasets without a ?revision= of their own
+  c.data.allow_empty_sources = False  # else a source with no usable rows stops
+  # the run (a wrong path or split usually means that)
 
   c.batch = ml_collections.ConfigDict()
   c.batch.global_size = 32  # pairs (or sequences) per optimizer step
@@ -165,6 +168,19 @@ def validate(config, num_devices: int) -> None:
   if max(config.data.buckets) < config.data.max_length:
     raise ConfigError(f"data.buckets: the largest ({max(config.data.buckets)}) "
                       f"must cover data.max_length ({config.data.max_length})")
+  loss = config.loss
+  if not loss.beta > 0:
+    raise ConfigError(f"loss.beta: {loss.beta} must be positive (the margin "
+                      "is scaled by 1/beta)")
+  if config.stage == "bfpo" and not (math.isfinite(loss.b1) and loss.b1 != 1):
+    raise ConfigError(f"loss.b1: {loss.b1} makes b3 = 1/(b1 - 1) undefined "
+                      "(the paper uses 3)")
+  if not 0 <= loss.label_smoothing <= 0.5:
+    raise ConfigError(f"loss.label_smoothing: {loss.label_smoothing} is not "
+                      "in [0, 0.5]")
+  if not config.optimizer.learning_rate >= 0:
+    raise ConfigError(f"optimizer.learning_rate: "
+                      f"{config.optimizer.learning_rate} must be >= 0")
   if config.max_steps <= 0 and config.num_epochs <= 0:
     raise ConfigError("num_epochs or max_steps must be positive")
   if config.loss.precompute_reference and config.stage == "sft":

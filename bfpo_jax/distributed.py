@@ -13,6 +13,7 @@ import sys
 import threading
 
 import jax
+import numpy as np
 
 
 class DistributedError(RuntimeError):
@@ -77,3 +78,19 @@ def initialize(coordinator_address=None, num_processes=None, process_id=None,
                            f"at {where}: {first[:300]} ({hint})") from None
   finally:
     watchdog.cancel()
+
+
+def all_agree(ok: bool) -> bool:
+  """True if ``ok`` holds on every process (one small all-gather).
+
+  Used where one process can fail alone (its own checkpoint shards, its
+  own disk) and the others must take the same branch instead of waiting
+  forever in the next collective.
+  """
+  if jax.process_count() == 1:
+    return bool(ok)
+  from jax.experimental import multihost_utils
+
+  flags = multihost_utils.process_allgather(np.array([int(ok)], np.int32),
+                                           tiled=True)
+  return bool(np.all(flags))

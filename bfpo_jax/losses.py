@@ -91,8 +91,13 @@ def _pad_axis(x, axis, multiple, value=0):
   return jnp.pad(x, widths, constant_values=value)
 
 
-def _chunk_token_logps(hidden_CxD, unembedding_DxV, labels_C, vocab_chunk_size):
-  """Log-probs of C tokens, with a streaming logsumexp over vocabulary chunks."""
+def _chunk_token_logps(hidden_CxD, unembedding_DxV, labels_C, vocab_chunk_size,
+                       with_greedy=False):
+  """Log-probs of C tokens, with a streaming logsumexp over vocabulary chunks.
+
+  With ``with_greedy``, also [C] bool: whether each label is the argmax (the
+  first maximal index, as ``argmax`` picks).
+  """
   vocab = unembedding_DxV.shape[1]
 
   def logits_of(w_DxVc):
@@ -102,7 +107,10 @@ def _chunk_token_logps(hidden_CxD, unembedding_DxV, labels_C, vocab_chunk_size):
     logits_CxV = logits_of(unembedding_DxV)
     label_logit_C = jnp.take_along_axis(
         logits_CxV, labels_C[:, None], axis=-1)[:, 0]
-    return label_logit_C - jax.nn.logsumexp(logits_CxV, axis=-1)
+    logps_C = label_logit_C - jax.nn.logsumexp(logits_CxV, axis=-1)
+    if with_greedy:
+      return logps_C, jnp.argmax(logits_CxV, axis=-1) == labels_C
+    return logps_C
 
   w_DxVp = _pad_axis(unembedding_DxV, 1, vocab_chunk_size)
   n_chunks = w_DxVp.shape[1] // vocab_chunk_size
@@ -110,14 +118,18 @@ def _chunk_token_logps(hidden_CxD, unembedding_DxV, labels_C, vocab_chunk_size):
       w_DxVp.shape[0], n_chunks, vocab_chunk_size).transpose(1, 0, 2)
 
   def body(carry, inputs):
-    running_max_C, running_sum_C, label_logit_C = carry
+    running_max_C, running_sum_C, label_logit_C, argmax_C = carry
     index, w_DxVc = inputs
     logits_CxVc = logits_of(w_DxVc)
     column_Vc = index * vocab_chunk_size + jnp.arange(vocab_chunk_size)
     logits_CxVc = jnp.where(column_Vc[None, :] < vocab, logits_CxVc, -jnp.inf)
+    chunk_max_C = jnp.max(logits_CxVc, axis=-1)
+    if with_greedy:  # strictly greater: an earlier chunk wins ties
+      argmax_C = jnp.where(chunk_max_C > running_max_C,
+                           index * vocab_chunk_size
+                           + jnp.argmax(logits_CxVc, axis=-1), argmax_C)
     # The running max only stabilises the sum; its gradient cancels exactly.
-    new_max_C = jax.lax.stop_gradient(
-        jnp.maximum(running_max_C, jnp.max(logits_CxVc, axis=-1)))
+    new_max_C = jax.lax.stop_gradient(jnp.maximum(running_max_C, chunk_max_C))
     running_sum_C = (running_sum_C * jnp.exp(running_max_C - new_max_C)
                      + jnp.sum(jnp.exp(logits_CxVc - new_max_C[:, None]), -1))
     local_C = labels_C - index * vocab_chunk_size
@@ -126,14 +138,17 @@ def _chunk_token_logps(hidden_CxD, unembedding_DxV, labels_C, vocab_chunk_size):
         logits_CxVc, jnp.clip(local_C, 0, vocab_chunk_size - 1)[:, None],
         axis=-1)[:, 0]
     label_logit_C = label_logit_C + jnp.where(in_chunk_C, picked_C, 0.0)
-    return (new_max_C, running_sum_C, label_logit_C), None
+    return (new_max_C, running_sum_C, label_logit_C, argmax_C), None
 
   c = hidden_CxD.shape[0]
   init = (jnp.full((c,), -jnp.inf, jnp.float32), jnp.zeros((c,), jnp.float32),
-          jnp.zeros((c,), jnp.float32))
-  (max_C, sum_C, label_logit_C), _ = jax.lax.scan(
+          jnp.zeros((c,), jnp.float32), jnp.zeros((c,), labels_C.dtype))
+  (max_C, sum_C, label_logit_C, argmax_C), _ = jax.lax.scan(
       body, init, (jnp.arange(n_chunks), w_NxDxVc))
-  return label_logit_C - (max_C + jnp.log(sum_C))
+  logps_C = label_logit_C - (max_C + jnp.log(sum_C))
+  if with_greedy:
+    return logps_C, argmax_C == labels_C
+  return logps_C
 
 
 def _chunk_logps_or_zeros(hidden_CxD, unembedding_DxV, labels_C, needed,
@@ -227,6 +242,23 @@ _chunked_logps.defvjp(_chunked_logps_fwd, _chunked_logps_bwd,
                       symbolic_zeros=True)
 
 
+def _to_chunks(hidden, labels, mask, chunk_size, vocab):
+  """[B, T] rows flattened into K chunks of C tokens (padded up), and which
+  chunks hold a masked-in token."""
+  b, t, d = hidden.shape
+  hidden_NxD = _pad_axis(hidden.reshape(b * t, d), 0, chunk_size)
+  labels_N = _pad_axis(jnp.clip(labels.reshape(b * t), 0, vocab - 1), 0,
+                       chunk_size)
+  n_chunks = hidden_NxD.shape[0] // chunk_size
+  if mask is None:
+    needed_K = jnp.ones((n_chunks,), bool)
+  else:
+    needed_K = _pad_axis(mask.reshape(b * t).astype(bool), 0, chunk_size
+                         ).reshape(n_chunks, chunk_size).any(axis=1)
+  return (hidden_NxD.reshape(n_chunks, chunk_size, d),
+          labels_N.reshape(n_chunks, chunk_size), needed_K)
+
+
 def chunked_token_logps(hidden, unembedding, labels, *, chunk_size,
                         vocab_chunk_size=None, mask=None):
   """Per-token log-probs from final hidden states, never forming [B, T, V].
@@ -253,22 +285,50 @@ def chunked_token_logps(hidden, unembedding, labels, *, chunk_size,
   Returns:
     [B, T] float32 log-probabilities.
   """
-  b, t, d = hidden.shape
-  vocab = unembedding.shape[1]
-  hidden_NxD = _pad_axis(hidden.reshape(b * t, d), 0, chunk_size)
-  labels_N = _pad_axis(jnp.clip(labels.reshape(b * t), 0, vocab - 1), 0,
-                       chunk_size)
-  n_chunks = hidden_NxD.shape[0] // chunk_size
-  if mask is None:
-    needed_K = jnp.ones((n_chunks,), bool)
-  else:
-    needed_K = _pad_axis(mask.reshape(b * t).astype(bool), 0, chunk_size
-                         ).reshape(n_chunks, chunk_size).any(axis=1)
+  b, t, _ = hidden.shape
+  hidden_KxCxD, labels_KxC, needed_K = _to_chunks(
+      hidden, labels, mask, chunk_size, unembedding.shape[1])
   with jax.named_scope("logps"):
-    logps_KxC = _chunked_logps(
-        unembedding, hidden_NxD.reshape(n_chunks, chunk_size, d),
-        labels_N.reshape(n_chunks, chunk_size), needed_K, vocab_chunk_size)
+    logps_KxC = _chunked_logps(unembedding, hidden_KxCxD, labels_KxC, needed_K,
+                               vocab_chunk_size)
   return logps_KxC.reshape(-1)[: b * t].reshape(b, t)
+
+
+def chunked_token_logps_and_greedy(hidden, unembedding, labels, *, chunk_size,
+                                   vocab_chunk_size=None, mask=None):
+  """:func:`chunked_token_logps`, plus whether each label is the argmax.
+
+  For scoring (the lm-evaluation-harness's ``is_greedy``): the same chunks
+  and the same skipping of chunks outside ``mask``, without the custom
+  gradient of the training path.
+
+  Args:
+    hidden: [B, T, D] final hidden states.
+    unembedding: [D, V] output matrix.
+    labels: [B, T] token ids aligned with ``hidden``.
+    chunk_size: tokens per chunk.
+    vocab_chunk_size: optional vocabulary chunk for a streaming logsumexp.
+    mask: optional [B, T]; positions outside it may read 0 / False.
+
+  Returns:
+    ``(logps [B, T] float32, greedy [B, T] bool)``; ``greedy`` is True where
+    ``labels`` is the first index of the maximal logit.
+  """
+  b, t, _ = hidden.shape
+  chunks = _to_chunks(hidden, labels, mask, chunk_size, unembedding.shape[1])
+
+  def one_chunk(hidden_CxD, labels_C, needed):
+    return jax.lax.cond(
+        needed,
+        lambda: _chunk_token_logps(hidden_CxD, unembedding, labels_C,
+                                   vocab_chunk_size, with_greedy=True),
+        lambda: (jnp.zeros_like(labels_C, jnp.float32),
+                 jnp.zeros_like(labels_C, bool)))
+
+  with jax.named_scope("logps"):
+    logps_KxC, greedy_KxC = _map_chunks(one_chunk, *chunks)
+  flat = lambda x: x.reshape(-1)[: b * t].reshape(b, t)  # noqa: E731
+  return flat(logps_KxC), flat(greedy_KxC)
 
 
 def chunked_sequence_logps(hidden, unembedding, labels, loss_mask, *,

@@ -3,33 +3,49 @@
     python -m bfpo_jax.train --config configs/tiny.py:sft --workdir runs/sft
     python -m bfpo_jax.train --config configs/a100x4.py --workdir runs/bfpo \\
         --config.init_from=runs/sft
+    python -m bfpo_jax.train --export_only --workdir runs/sft  # hf_export/
+                                                # from the latest checkpoint
 
-A run started on a workdir that has checkpoints resumes from the latest one,
-data stream included. SIGTERM/SIGINT save a checkpoint and exit cleanly.
-Bad configs and data stop with one line (exit code 2) before anything heavy.
+One run at a time holds a workdir. A run started on a workdir that has
+checkpoints resumes from the newest one that reads cleanly, data stream
+included, and metrics.jsonl keeps exactly one line per step and kind.
+SIGTERM/SIGINT save a checkpoint and exit cleanly. Bad configs and data stop
+with one line (exit code 2) before anything heavy; a checkpoint that cannot
+be written or read stops the run with one line (exit code 1).
 """
 
 from __future__ import annotations
 
+import difflib
+import functools
 import json
 import os
+import re
 import signal
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from bfpo_jax import build, distributed, sharding, trainable
+from bfpo_jax import build, distributed, resume, sharding, trainable
 from bfpo_jax import train_step as ts
-from bfpo_jax.checkpoint import Checkpointer
-from bfpo_jax.config import ConfigError, validate
+from bfpo_jax.checkpoint import (
+  Checkpointer,
+  RestoreError,
+  SaveError,
+  quiet_orbax_tracebacks,
+)
+from bfpo_jax.config import ConfigError, default_config, validate
 from bfpo_jax.data.sources import DataError
 from bfpo_jax.data.tokenize import CHAT_TEMPLATE
 from bfpo_jax.model.hf_io import save_hf
+from bfpo_jax.resume import resume_fingerprint  # noqa: F401 -- public name
+from bfpo_jax.workdir import Logger, WorkdirError, hold, record_changes
 
 config_flags.DEFINE_config_file("config", None, "Python config file with "
                                 "get_config().", lock_config=True)
@@ -41,57 +57,14 @@ flags.DEFINE_integer("num_processes", None, "Processes in the job.")
 flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.DEFINE_integer("distributed_timeout", 300,
                      "Seconds to wait for all processes to join.")
+flags.DEFINE_bool("export_only", False,
+                  "Write WORKDIR/hf_export from the run's newest good "
+                  "checkpoint and exit (config: --config or "
+                  "WORKDIR/config.json).")
 
 
 class NonFiniteError(RuntimeError):
   """Too many non-finite steps in a row (``max_consecutive_nonfinite``)."""
-
-
-class Logger:
-  """metrics.jsonl, TensorBoard and the progress bar; process 0 only."""
-
-  def __init__(self, workdir, stage, total, start, resumed_step):
-    self.stage, self.active = stage, jax.process_index() == 0
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    if not self.active:
-      return
-    if resumed_step is not None and os.path.exists(self.path):
-      with open(self.path) as f:  # drop lines the restored run will redo
-        keep = [line for line in f if json.loads(line)["step"] <= resumed_step]
-      with open(self.path, "w") as f:
-        f.writelines(keep)
-    from tensorboardX import SummaryWriter
-    from tqdm import tqdm
-
-    self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-    self.bar = tqdm(total=total, initial=start, desc=stage, unit="step",
-                    dynamic_ncols=True)
-
-  def write(self, step, metrics, prefix=""):
-    if not self.active:
-      return
-    record = {"step": step, "stage": self.stage}
-    record.update({prefix + k: float(v) for k, v in metrics.items()})
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
-    for k, v in record.items():
-      if k not in ("step", "stage"):
-        self.tb.add_scalar(k, v, step)
-
-  def progress(self, step, metrics, tokens_per_s):
-    if self.active:
-      self.bar.update(step - self.bar.n)
-      self.bar.set_postfix(loss=f"{float(metrics['loss']):.4g}",
-                           tok_s=f"{tokens_per_s:,.0f}")
-
-  def info(self, text):
-    if self.active:
-      (self.bar.write if hasattr(self, "bar") else print)(text)
-
-  def close(self):
-    if self.active:
-      self.bar.close()
-      self.tb.close()
 
 
 def _summary(config, mesh, model_cfg, state, data, steps, memory):
@@ -117,14 +90,6 @@ def _summary(config, mesh, model_cfg, state, data, steps, memory):
       f"{config.batch.accumulation} microbatches",
   ]
   return "\n".join(lines)
-
-
-def resume_fingerprint(config) -> dict:
-  """Config fields that a checkpoint's state and data position depend on."""
-  return {"stage": config.stage, "model": build.model_source(config) or
-          config.model.preset, "trainable": config.trainable.to_dict(),
-          "data": list(config.data.sources), "seed": config.seed,
-          "global_batch": config.batch.global_size}
 
 
 def evaluate(eval_fn, state, data, mesh):
@@ -157,17 +122,43 @@ def export(config, model_cfg, state, step_cfg, tokenizer, workdir):
   return out
 
 
+def _empty_sources(config, report) -> list[str]:
+  """Refuses a source with no usable rows unless allowed; else a warning."""
+  empty = [f"{name} ({v['rows_read']} rows read, "
+           f"{sum(v['rows_skipped'].values())} skipped)"
+           for name, v in report.items() if not v.get("rows_used")]
+  if not empty:
+    return []
+  if not config.data.allow_empty_sources:
+    raise DataError(f"data: {'; '.join(empty)}: no usable rows; fix the "
+                    "source or set --config.data.allow_empty_sources=True to "
+                    "train on the others")
+  return [f"warning: empty data source {e}; training on the others"
+          for e in empty]
+
+
 def run(config, workdir: str) -> dict:
   """Trains one stage; returns a summary dict (also written to workdir)."""
   validate(config, jax.device_count())
-  os.makedirs(workdir, exist_ok=True)
+  lock = hold(workdir)
+  try:
+    return _train(config, workdir)
+  finally:
+    lock.release()
+
+
+def _train(config, workdir: str) -> dict:
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp,
                             config.mesh.tensor)
+  build.check_model_source(config)
   tokenizer = build.tokenizer_for(config)
   examples = build.load_examples(config, tokenizer)
+  notes = _empty_sources(config, examples.report)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "data_report.json"), "w") as f:
       json.dump(examples.report, f, indent=2)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json(indent=2))
   model_cfg, params = build.load_model(config, mesh)
   if len(tokenizer) > model_cfg.vocab_size:
     raise ConfigError(f"tokenizer: {len(tokenizer)} tokens exceed the model's "
@@ -175,13 +166,12 @@ def run(config, workdir: str) -> dict:
   steps = build.total_steps(config, examples)
   optimizer = build.optimizer_for(config, steps)
   step_cfg = build.step_config(config)
-  reference_note = ""
   if step_cfg.precomputed_reference:
     from_cache = build.attach_reference_logps(
         config, model_cfg, step_cfg, params, examples, mesh,
         os.path.join(workdir, "reference_logps.npz"))
-    reference_note = ("reference log-probs: "
-                      + ("from cache" if from_cache else "precomputed"))
+    notes.append("reference log-probs: "
+                 + ("from cache" if from_cache else "precomputed"))
   data = build.make_data(config, examples, jax.device_count())
   state, shardings = ts.create_state(
       params, optimizer, step_cfg, model_cfg, pattern=config.trainable.pattern or None,
@@ -194,18 +184,24 @@ def run(config, workdir: str) -> dict:
                       keep=config.keep_checkpoints)
   iterator = iter(data.train.to_iter_dataset())
   counters = {"nonfinite_total": 0, "nonfinite_in_a_row": 0}
-  fingerprint = resume_fingerprint(config)
-  resumed = ckpt.latest_step
-  if resumed is not None:
-    saved = ckpt.fingerprint()
-    changed = sorted(k for k in fingerprint if saved.get(k) != fingerprint[k])
-    if changed:
-      raise ConfigError(
-          f"{workdir} holds checkpoints of a different run ({', '.join(changed)} "
-          "changed); use a new --workdir or the original config")
-    state, meta = ckpt.restore(state)
+  fingerprint = resume.fingerprint(config, state)
+  settings = resume.resume_settings(config)
+  restored = ckpt.restore(state, functools.partial(resume.check_same_run,
+                                                   fingerprint, workdir))
+  resumed = None
+  if restored is not None:
+    state, meta, skipped = restored
     iterator.set_state(meta["data_iterator"])
     counters.update(meta["counters"])
+    resumed = int(jax.device_get(state.step))
+    notes += skipped
+    changed = resume.changed_settings(meta, settings)
+    if changed:
+      notes.append("warning: resuming with changed settings: " + ", ".join(
+          f"{k} {a} -> {b}" for k, (a, b) in changed.items())
+          + f" (recorded in {workdir}/resume_changes.jsonl)")
+      if jax.process_index() == 0:
+        record_changes(workdir, resumed, changed)
   start = int(jax.device_get(state.step))
 
   train_fn = ts.build_train_step(model_cfg, step_cfg, optimizer, mesh=mesh,
@@ -223,8 +219,8 @@ def run(config, workdir: str) -> dict:
       remat_policy=config.model.remat_policy)
   log = Logger(workdir, config.stage, steps, start, resumed)
   log.info(_summary(config, mesh, model_cfg, state, data, steps, memory))
-  if reference_note:
-    log.info(reference_note)
+  for note in notes:
+    log.info(note)
   if resumed is not None:
     log.info(f"resumed from checkpoint at step {resumed}")
 
@@ -238,11 +234,13 @@ def run(config, workdir: str) -> dict:
 
   def meta():
     return {"data_iterator": iterator.get_state(), "counters": dict(counters),
-            "fingerprint": fingerprint}
+            "fingerprint": fingerprint, "settings": settings}
 
   clock = {"last": time.perf_counter()}
+  pending = []  # dispatched steps whose metrics line is not written yet
 
   def record(step, metrics, tokens, data_s):
+    ckpt.check()  # a failed save stops the run before later steps are logged
     metrics = jax.device_get(metrics)  # blocks until that step is done
     now = time.perf_counter()
     seconds, clock["last"] = now - clock["last"], now
@@ -260,12 +258,18 @@ def run(config, workdir: str) -> dict:
                      data_s=data_s, step_s=seconds)
       log.write(step, metrics)
     log.progress(step, metrics, tokens / max(seconds, 1e-9))
-    if counters["nonfinite_in_a_row"] >= config.max_consecutive_nonfinite:
-      raise NonFiniteError(f"{counters['nonfinite_in_a_row']} non-finite steps "
-                           f"in a row at step {step}")
+    return step
 
-  status = "finished"
-  pending = None
+  def flush(keep=0, check=True):
+    """Writes the lines of all but the ``keep`` newest pending steps."""
+    while len(pending) > keep:
+      step = record(*pending.pop(0))
+      if check and (counters["nonfinite_in_a_row"]
+                    >= config.max_consecutive_nonfinite):
+        raise NonFiniteError(f"{counters['nonfinite_in_a_row']} non-finite "
+                             f"steps in a row at step {step}")
+
+  status, last_eval = "finished", None
   try:
     for step in range(start + 1, steps + 1):
       tick = time.perf_counter()
@@ -275,37 +279,47 @@ def run(config, workdir: str) -> dict:
       batch = build.global_batch(local, mesh)
       data_s = time.perf_counter() - tick
       state, metrics = train_fn(state, batch)
-      if pending:  # read the previous step's metrics after dispatching this one
-        record(*pending)
-      pending = (step, metrics, tokens, data_s)
-      if ckpt.due(step):
-        ckpt.save(state, meta())
-      if config.eval_every_steps and step % config.eval_every_steps == 0:
-        log.write(step, evaluate(eval_fn, state, data, mesh), prefix="eval/")
-      if stop["signal"]:
+      pending.append((step, metrics, tokens, data_s))
+      flush(keep=1)  # the previous step's, read after dispatching this one
+      stopping = stop["signal"] is not None
+      eval_due = step == steps or (config.eval_every_steps > 0 and
+                                   step % config.eval_every_steps == 0)
+      save_due = ckpt.due(step) or step == steps or stopping
+      if eval_due or save_due:
+        # A checkpoint at this step must find its lines already written:
+        # a kill after it commits would otherwise lose them for good.
+        flush()
+      if eval_due:
+        last_eval = evaluate(eval_fn, state, data, mesh)
+        log.write(step, last_eval, prefix="eval/")
+      if save_due:
+        log.sync()
+        ckpt.save(state, meta(), force=step == steps or stopping)
+      if stopping:
         status = f"stopped by {stop['signal']}"
         break
-    if pending:
-      record(*pending)
   except NonFiniteError as e:
+    flush(check=False)
     ckpt.save(state, meta(), force=True)
     ckpt.close()
     log.close()
     raise ConfigError(f"training stopped: {e}; checkpoint saved at step "
                       f"{int(jax.device_get(state.step))}") from None
+  except BaseException:
+    log.close()  # the progress bar ends before the error line
+    raise
   finally:
     for s, handler in previous.items():
       signal.signal(s, handler)
 
-  ckpt.save(state, meta(), force=True)
   ckpt.close()
   final_step = int(jax.device_get(state.step))
   summary = {"status": status, "step": final_step, "steps": steps,
              "nonfinite_steps": counters["nonfinite_total"]}
   if status == "finished":
-    eval_metrics = evaluate(eval_fn, state, data, mesh)
-    log.write(final_step, eval_metrics, prefix="eval/")
-    summary["eval"] = {k: float(v) for k, v in eval_metrics.items()}
+    if last_eval is None:  # resumed at the end; its eval line is written
+      last_eval = evaluate(eval_fn, state, data, mesh)
+    summary["eval"] = {k: float(v) for k, v in last_eval.items()}
     if config.export_hf:
       summary["export"] = export(config, model_cfg, state, step_cfg, tokenizer,
                                  workdir)
@@ -317,25 +331,89 @@ def run(config, workdir: str) -> dict:
   return summary
 
 
+def export_only(config, workdir: str) -> str:
+  """Writes ``workdir/hf_export`` from the run's newest good checkpoint."""
+  validate(config, jax.device_count())
+  lock = hold(workdir)
+  try:
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp,
+                              config.mesh.tensor)
+    build.check_model_source(config)
+    tokenizer = build.tokenizer_for(config)
+    model_cfg, params = build.load_model(config, mesh)
+    step_cfg = build.step_config(config)
+    # The schedule's length changes values, not the optimizer state's layout.
+    optimizer = build.optimizer_for(config, max(config.max_steps, 1))
+    state, _ = ts.create_state(
+        params, optimizer, step_cfg, model_cfg,
+        pattern=config.trainable.pattern or None,
+        lora_rank=config.trainable.lora_rank, rng=jax.random.key(config.seed),
+        mesh=mesh)
+    del params
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=0,
+                        keep=config.keep_checkpoints)
+    restored = ckpt.restore(state, functools.partial(
+        resume.check_same_run, resume.fingerprint(config, state), workdir))
+    if restored is None:
+      raise ConfigError(f"{workdir}: no checkpoints to export")
+    state, _, notes = restored
+    out = export(config, model_cfg, state, step_cfg, tokenizer, workdir)
+    if jax.process_index() == 0:
+      for note in notes:
+        print(note)
+      print(f"exported step {int(jax.device_get(state.step))} to {out}")
+    return out
+  finally:
+    lock.release()
+
+
+def _saved_config(workdir):
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise ConfigError(f"--config is required ({path} does not exist)")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  config = flags.FLAGS.config
-  if config is None:
-    print("error: --config is required (e.g. --config configs/tiny.py)",
-          file=sys.stderr)
-    sys.exit(2)
-  workdir = flags.FLAGS.workdir or os.path.join("runs", config.stage)
+  quiet_orbax_tracebacks(logging.get_absl_handler())
   f = flags.FLAGS
+  config = f.config
   try:
+    if config is None and not (f.export_only and f.workdir):
+      raise ConfigError("--config is required (e.g. --config configs/tiny.py)")
+    config = config or _saved_config(f.workdir)
+    workdir = f.workdir or os.path.join("runs", config.stage)
     distributed.initialize(f.coordinator_address, f.num_processes, f.process_id,
                            timeout_s=f.distributed_timeout)
-    run(config, workdir)
-  except (ConfigError, DataError, FileNotFoundError,
+    (export_only if f.export_only else run)(config, workdir)
+  except (ConfigError, DataError, FileNotFoundError, WorkdirError,
           distributed.DistributedError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except (SaveError, RestoreError) as e:  # the machine failed, not the input
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+def _unknown_field(error, argv) -> str:
+  """``unknown config field 'betaa'; did you mean 'beta'?``"""
+  name = (re.findall(r"[\w-]+", str(error)) or [str(error)])[0]
+  overrides = [a[len("--config."):].split("=")[0].split(".") for a in argv
+               if a.startswith("--config.")]
+  path = next((p for p in overrides if name in p), [name])
+  siblings = default_config()  # the fields beside the unknown one
+  for part in path[:path.index(name)]:
+    siblings = siblings.get(part) if isinstance(
+        siblings, ml_collections.ConfigDict) else None
+  known = list(siblings.keys()) if isinstance(
+      siblings, ml_collections.ConfigDict) else []
+  close = difflib.get_close_matches(name, known, n=1)
+  return f"unknown config field '{name}'" + (
+      f"; did you mean '{close[0]}'?" if close else "")
 
 
 def parse_flags(argv):
@@ -345,7 +423,7 @@ def parse_flags(argv):
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
     message = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
     if isinstance(e, AttributeError | KeyError):
-      message = f"unknown config field {message.strip(chr(34))}"
+      message = _unknown_field(e, argv)
     print(f"error: bad command line: {message}", file=sys.stderr)
     sys.exit(2)
 

@@ -135,6 +135,28 @@ def test_collectives_of_the_a100x4_step_gather_weights_not_activations(tmp_path)
 
 
 @pytest.mark.slow
+def test_eval_throughput_writes_side_by_side_json(tmp_path):
+  out = tmp_path / "e.json"
+  proc = subprocess.run(
+      [sys.executable, "benchmarks/eval_throughput.py", "--json", str(out),
+       "--questions", "2", "--documents", "1", "--prompts", "2",
+       "--max_gen_toks", "4", "--max_length", "128"],
+      cwd=ROOT, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(out.read_text())
+  assert result["requests"] == {"loglikelihood": 8, "loglikelihood_rolling": 1,
+                                "generate_until": 2}
+  for backend in ("hf", "bfpo_jax", "bfpo_jax_bucketed"):
+    kinds = result[backend]["per_kind"]
+    n = sum(k["requests"] for k in kinds.values())
+    warm = sum(k["warm_s"] for k in kinds.values())
+    assert abs(result[backend]["warm_requests_per_s"] - n / warm) < 1e-9
+  ratio = result["ratio_bfpo_jax_to_hf"]
+  assert abs(ratio["warm"] - result["bfpo_jax"]["warm_requests_per_s"]
+             / result["hf"]["warm_requests_per_s"]) < 1e-9
+
+
+@pytest.mark.slow
 def test_packing_benchmark_writes_its_json(tmp_path):
   out = tmp_path / "p.json"
   proc = subprocess.run(

@@ -363,3 +363,36 @@ def test_chunks_outside_the_mask_are_skipped_but_results_equal():
                                          mask=mask)
   assert (np.asarray(per_token)[:, :8] == 0).all()
   assert (np.asarray(per_token)[:3, 8:] < 0).all()
+
+
+@pytest.mark.parametrize("chunk_size,vocab_chunk_size",
+                         [(4, None), (5, 16), (64, 7), (3, 50)])
+def test_chunked_greedy_flags_equal_full_argmax(chunk_size, vocab_chunk_size):
+  hidden, w, labels, mask = _random_lm_batch(5)
+  logits = np.einsum("btd,dv->btv", hidden, w)
+  argmax = logits.argmax(-1)
+  # Half the labels are the argmax, so both flag values occur.
+  labels = np.where(np.arange(labels.shape[1]) % 2 == 0, argmax, labels)
+  logps, greedy = losses.chunked_token_logps_and_greedy(
+      hidden, w, labels, chunk_size=chunk_size,
+      vocab_chunk_size=vocab_chunk_size, mask=mask)
+  expected = np.take_along_axis(_np_log_softmax(logits), labels[..., None],
+                                -1)[..., 0]
+  m = np.asarray(mask, bool)
+  np.testing.assert_allclose(np.asarray(logps)[m], expected[m], atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(greedy)[m], (argmax == labels)[m])
+  assert np.asarray(greedy)[m].any() and not np.asarray(greedy)[m].all()
+  np.testing.assert_allclose(
+      logps * mask, losses.chunked_token_logps(
+          hidden, w, labels, chunk_size=chunk_size,
+          vocab_chunk_size=vocab_chunk_size, mask=mask) * mask, atol=1e-6)
+
+
+def test_chunked_greedy_picks_the_first_of_tied_maxima():
+  w = jnp.zeros((2, 12)).at[0, 3].set(1.0).at[0, 9].set(1.0)  # ties at 3, 9
+  hidden = jnp.ones((1, 2, 2))
+  for vocab_chunk_size in (None, 4):
+    _, greedy = losses.chunked_token_logps_and_greedy(
+        hidden, w, jnp.array([[3, 9]]), chunk_size=2,
+        vocab_chunk_size=vocab_chunk_size)
+    np.testing.assert_array_equal(greedy, [[True, False]])

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -33,9 +34,13 @@ def _cli(workdir, *flags, config="configs/tiny.py", env=None, wait=True):
                         text=True, timeout=600)
 
 
+def _strict(name):
+  raise AssertionError(f"metrics.jsonl holds {name}, which is not JSON")
+
+
 def _metrics(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
+    return [json.loads(line, parse_constant=_strict) for line in f]
 
 
 def _train_losses(workdir):
@@ -56,7 +61,7 @@ def test_each_stage_runs_and_writes_what_a_person_sees(tmp_path, stage):
   # Timing: the batch fetch is a part of the wall time between steps.
   assert all(0 <= r["data_s"] < r["step_s"] for r in train[1:])
   evals = [r for r in records if "eval/loss" in r]
-  assert [r["step"] for r in evals] == [3, 6, 6]
+  assert [r["step"] for r in evals] == [3, 6]  # each step once
   if stage != "sft":
     assert "eval/rewards/accuracy/safe_unsafe" in evals[-1]
   assert os.listdir(os.path.join(workdir, "tensorboard"))
@@ -173,6 +178,7 @@ def test_eight_fake_devices_match_one_device(tmp_path):
     (["--config.stage=ppo"], "stage: 'ppo'"),
     (["--config.data.sources=('nonsense:x',)"], "data.sources"),
     (["--config.model.remat_policy=some"], "model.remat_policy: 'some'"),
+    (["--config.loss.beta=0"], "loss.beta: 0.0 must be positive"),
 ])
 def test_bad_configs_fail_fast_with_one_line(tmp_path, flags, message):
   proc = _cli(str(tmp_path / "bad"), *flags)
@@ -182,10 +188,85 @@ def test_bad_configs_fail_fast_with_one_line(tmp_path, flags, message):
   assert "Traceback" not in proc.stderr
 
 
-def test_unknown_config_key_is_rejected(tmp_path):
-  proc = _cli(str(tmp_path / "bad"), "--config.no_such_field=1")
-  assert proc.returncode != 0
-  assert "no_such_field" in proc.stderr and "Traceback" not in proc.stderr
+@pytest.mark.parametrize("field,values,message", [
+    ("loss.beta", [0.0, -0.1, float("nan")], "must be positive"),
+    ("loss.b1", [1.0], "b3 = 1/(b1 - 1) undefined"),
+    ("loss.label_smoothing", [-0.1, 0.7], "is not in [0, 0.5]"),
+    ("optimizer.learning_rate", [-1e-5], "must be >= 0"),
+])
+def test_values_that_cannot_work_are_refused(field, values, message):
+  from bfpo_jax.config import ConfigError, validate
+  from configs import tiny
+
+  for value in values:
+    config = tiny.get_config()
+    section, name = field.split(".")
+    config[section][name] = value
+    with pytest.raises(ConfigError, match=re.escape(f"{field}: ")) as e:
+      validate(config, 1)
+    assert message in str(e.value)
+  config = tiny.get_config("dpo")
+  config.loss.b1 = 1.0  # b1 only enters the BFPO target
+  validate(config, 1)
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("--config.no_such_field=1", "unknown config field 'no_such_field'"),
+    ("--config.loss.betaa=1",
+     "unknown config field 'betaa'; did you mean 'beta'?"),
+    ("--config.lossx.beta=1", "unknown config field 'lossx'; did you mean 'loss'?"),
+])
+def test_unknown_config_key_is_rejected(tmp_path, flag, message):
+  proc = _cli(str(tmp_path / "bad"), flag)
+  assert proc.returncode == 2
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last == f"error: bad command line: {message}", proc.stderr[-2000:]
+
+
+def _one_line_error(proc, *parts):
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: "), last
+  for part in parts:
+    assert part in last, last
+  return last
+
+
+def test_a_pickle_only_model_folder_is_one_line(tmp_path):
+  folder = tmp_path / "torch_model"
+  transformers.MistralConfig(
+      vocab_size=32000, hidden_size=64, intermediate_size=128,
+      num_hidden_layers=2, num_attention_heads=4,
+      num_key_value_heads=2).save_pretrained(folder)
+  (folder / "pytorch_model.bin").write_bytes(b"never unpickled")
+  proc = _cli(str(tmp_path / "run"), f"--config.model.hf_path={folder}")
+  _one_line_error(proc, "model.hf_path: ", "pytorch_model", "safe_serialization")
+
+
+def test_an_unwritable_workdir_is_one_line(tmp_path):
+  (tmp_path / "file").write_text("")
+  proc = _cli(str(tmp_path / "file" / "run"))
+  _one_line_error(proc, "cannot be written")
+
+
+def test_a_run_workdir_without_export_is_one_line_offering_export(tmp_path):
+  earlier = tmp_path / "earlier"
+  (earlier / "checkpoints" / "30").mkdir(parents=True)
+  proc = _cli(str(tmp_path / "run"), f"--config.init_from={earlier}")
+  _one_line_error(proc, "a run workdir with checkpoints but no hf_export",
+                  f"python -m bfpo_jax.train --export_only --workdir {earlier}")
+
+
+def test_an_empty_source_among_real_ones_is_refused(tmp_path):
+  empty = tmp_path / "pku_empty.jsonl"
+  empty.write_text("")
+  from configs import tiny
+
+  sources = list(tiny.get_config().data.sources) + [f"pku_saferlhf:{empty}"]
+  proc = _cli(str(tmp_path / "run"), f"--config.data.sources={tuple(sources)}")
+  _one_line_error(proc, f"pku_saferlhf:{empty} (0 rows read", "no usable rows",
+                  "data.allow_empty_sources=True")
 
 
 @pytest.mark.slow
@@ -197,10 +278,17 @@ def test_nonfinite_losses_stop_the_run_with_a_checkpoint(tmp_path):
               "--config.max_consecutive_nonfinite=2", "--config.max_steps=12")
   assert proc.returncode == 2
   last = proc.stderr.strip().splitlines()[-1]
-  assert "non-finite steps in a row" in last and "checkpoint saved" in last
-  assert os.listdir(os.path.join(workdir, "checkpoints"))
-  skipped = [m for m in _metrics(workdir) if m.get("nonfinite") == 1.0]
-  assert len(skipped) == 2
+  found = re.search(r"2 non-finite steps in a row at step (\d+); checkpoint "
+                    r"saved at step (\d+)$", last)
+  assert found, last
+  stopped, saved = map(int, found.groups())
+  assert str(saved) in os.listdir(os.path.join(workdir, "checkpoints"))
+  # Every step up to the checkpoint has its line (the step dispatched when
+  # the run stopped included); _metrics refuses Infinity and NaN.
+  records = _metrics(workdir)
+  assert [m["step"] for m in records] == list(range(1, saved + 1))
+  assert stopped <= saved <= stopped + 1
+  assert [m["nonfinite"] for m in records[stopped - 2:stopped]] == [1.0, 1.0]
 
 
 @pytest.mark.slow
@@ -212,6 +300,18 @@ def test_resume_with_a_different_config_is_refused(tmp_path):
   assert proc.returncode == 2
   last = proc.stderr.strip().splitlines()[-1]
   assert "holds checkpoints of a different run (trainable changed)" in last
+  # A changed learning rate is allowed, with a warning kept in the workdir.
+  proc = _cli(workdir, *flags, "--config.optimizer.learning_rate=0.002")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert ("warning: resuming with changed settings: optimizer.learning_rate "
+          "0.001 -> 0.002") in proc.stdout + proc.stderr
+  with open(os.path.join(workdir, "resume_changes.jsonl")) as f:
+    change = json.loads(f.read())
+  assert change["step"] == 2
+  assert change["changes"] == {"optimizer.learning_rate": [0.001, 0.002]}
+  # Resumed at the end: nothing is redone, nothing written twice.
+  assert [(m["step"], "eval/loss" in m) for m in _metrics(workdir)] == [
+      (1, False), (2, False), (2, True)]
 
 
 @pytest.mark.slow

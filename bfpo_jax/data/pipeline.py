@@ -244,14 +244,38 @@ def examples_dataset(examples_by_source, *, seed, mixture="concat",
   """
   if mixture not in MIXTURES:
     raise DataError(f"mixture must be one of {MIXTURES}, got {mixture!r}")
-  sources = [grain.MapDataset.source(ex) for ex in examples_by_source if ex]
+  kept = [i for i, ex in enumerate(examples_by_source) if ex]
+  sources = [grain.MapDataset.source(examples_by_source[i]) for i in kept]
   if not sources:
     raise DataError("no examples left after validation: see the data report")
   if mixture == "concat":
     return grain.MapDataset.concatenate(sources).seed(seed).shuffle().repeat()
-  weights = weights or [1.0] * len(sources)
+  # An empty source (allowed by data.allow_empty_sources) takes its weight
+  # along, so the others keep theirs.
+  weights = [weights[i] for i in kept] if weights else [1.0] * len(sources)
   repeated = [s.seed(seed + i).shuffle().repeat() for i, s in enumerate(sources)]
   return grain.MapDataset.mix(repeated, weights)
+
+
+def example_length(example) -> int:
+  """Tokens of an example's longest row once collated."""
+  if "input_ids" in example:
+    return len(example["input_ids"])
+  return max(len(example["chosen_ids"]), len(example["rejected_ids"]))
+
+
+def _collate_share(examples, *, collate, buckets, pad_id, process_index,
+                   process_count):
+  """This process's rows of one global batch, padded to the global bucket.
+
+  Every process sees the whole global batch (the shared shuffled stream), so
+  all of them pick the same padded length and compile the same program; a
+  length chosen from the local rows alone differs between processes and
+  breaks the collectives.
+  """
+  length = bucket_length(max(map(example_length, examples)), buckets)
+  return collate(examples[process_index::process_count], buckets=(length,),
+                 pad_id=pad_id)
 
 
 def batches(examples_by_source, *, task, global_batch, seed=0,
@@ -261,11 +285,13 @@ def batches(examples_by_source, *, task, global_batch, seed=0,
   """An endless grain MapDataset of this process's batches.
 
   Each process takes every ``process_count``-th example of the shared shuffled
-  stream, so processes see disjoint examples and together the global batch.
-  With ``layout="packed"`` (preference pairs, see ``data.packing``) every
-  process packs the whole global batch into rows of ``pack_length`` tokens
-  (or of a bucket below it), at most ``pairs_per_row`` pairs each, a
-  multiple of ``rows_multiple`` rows, and keeps its share of the rows.
+  stream, so processes see disjoint examples and together the global batch;
+  all pad to the bucket of the global batch's longest row. With
+  ``layout="packed"`` (preference pairs, see ``data.packing``) every process
+  packs the whole global batch into rows of ``pack_length`` tokens (or of a
+  bucket below it), at most ``pairs_per_row`` pairs each, a multiple of
+  ``rows_multiple`` rows, and keeps its share of the rows: all agree on the
+  row count and length as they do on the bucket.
 
   Returns:
     MapDataset whose element k is this process's share of global batch k
@@ -284,10 +310,9 @@ def batches(examples_by_source, *, task, global_batch, seed=0,
         packing.pack_share, length=pack_length, pairs_per_row=pairs_per_row,
         rows_multiple=rows_multiple, pad_id=pad_id, buckets=tuple(buckets),
         process_index=process_index, process_count=process_count))
-  ds = ds[process_index::process_count]
-  return ds.batch(global_batch // process_count, drop_remainder=True,
-                  batch_fn=functools.partial(collate, buckets=buckets,
-                                             pad_id=pad_id))
+  return ds.batch(global_batch, drop_remainder=True, batch_fn=functools.partial(
+      _collate_share, collate=collate, buckets=buckets, pad_id=pad_id,
+      process_index=process_index, process_count=process_count))
 
 
 def with_buffer(main, buffer):

@@ -1,4 +1,4 @@
-"""Mistral architecture hyper-parameters, and conversion to/from Hugging Face."""
+"""Decoder hyper-parameters (Mistral and Llama), and conversion to/from HF."""
 
 from __future__ import annotations
 
@@ -7,6 +7,10 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from bfpo_jax.model.rope import ROPE_TYPES
+
+ARCHITECTURES = {"mistral": "MistralForCausalLM", "llama": "LlamaForCausalLM"}
+"""``model_type`` -> the ``transformers`` class this package reads and writes."""
 ATTENTION_IMPLS = ("xla", "cudnn")
 REMAT_POLICIES = ("full", "dots")
 """What a rematerialised block keeps for the backward pass: ``full`` only its
@@ -18,10 +22,14 @@ then recomputes almost no FLOPs."""
 
 @dataclasses.dataclass(frozen=True)
 class MistralConfig:
-  """Architecture of a Mistral decoder, plus how to run it.
+  """Architecture of a Mistral or Llama decoder, plus how to run it.
 
-  Field names follow ``transformers.MistralConfig`` where one exists. The
-  config is hashable, so jitted functions can take it as a static argument.
+  The two differ only in what their configs may set: Llama has no sliding
+  window and may put biases on the attention (``attention_bias``) and MLP
+  (``mlp_bias``) projections; both may scale RoPE (``rope_type`` with its
+  ``rope_scaling`` parameters). Field names follow ``transformers`` where one
+  exists. The config is hashable, so jitted functions can take it as a static
+  argument.
   """
 
   vocab_size: int = 32000
@@ -40,6 +48,11 @@ class MistralConfig:
   bos_token_id: int = 1
   eos_token_id: int = 2
   pad_token_id: int | None = None
+  model_type: str = "mistral"  # a key of ARCHITECTURES
+  attention_bias: bool = False  # biases on q, k, v and o (Llama option)
+  mlp_bias: bool = False  # biases on gate, up and down (Llama option)
+  rope_type: str = "default"  # one of rope.ROPE_TYPES
+  rope_scaling: tuple = ()  # sorted (name, value) pairs of that rope type
   # How to run it (not part of the checkpoint):
   dtype: Any = jnp.float32  # compute dtype of activations and matmuls
   param_dtype: Any = jnp.float32  # dtype of freshly initialised parameters
@@ -58,6 +71,12 @@ class MistralConfig:
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"remat_policy must be one of {REMAT_POLICIES}, got "
                        f"{self.remat_policy!r}")
+    if self.model_type not in ARCHITECTURES:
+      raise ValueError(f"model_type must be one of {tuple(ARCHITECTURES)}, "
+                       f"got {self.model_type!r}")
+    if self.rope_type not in ROPE_TYPES:
+      raise ValueError(f"rope_type must be one of {ROPE_TYPES}, got "
+                       f"{self.rope_type!r}")
     if self.sliding_window is not None and self.sliding_window < 1:
       raise ValueError(f"sliding_window must be >= 1 or None, got "
                        f"{self.sliding_window}")
@@ -86,15 +105,26 @@ class MistralConfig:
 
   @classmethod
   def from_hf(cls, hf_config, **overrides) -> MistralConfig:
-    """From a ``transformers.MistralConfig`` (or its ``to_dict()``)."""
+    """From a ``transformers`` Mistral/Llama config (or its ``to_dict()``).
+
+    Raises:
+      ValueError: in one line, for another architecture or a setting this
+        model does not implement (activation, RoPE variant).
+    """
     d = hf_config if isinstance(hf_config, dict) else hf_config.to_dict()
-    rope = d.get("rope_parameters") or {}
-    if rope.get("rope_type", "default") != "default":
-      raise ValueError(f"unsupported rope scaling {rope!r}: only default RoPE")
+    check_supported(d)
+    rope = dict(_rope_dict(d))
+    rope_type = rope.pop("rope_type", rope.pop("type", "default"))
+    theta = rope.pop("rope_theta", d.get("rope_theta", 10000.0))
     fields = {f.name: d[f.name] for f in dataclasses.fields(cls)
-              if f.name in d and f.name not in ("dtype", "param_dtype")}
-    fields["rope_theta"] = float(rope.get("rope_theta", d.get("rope_theta",
-                                                                10000.0)))
+              if f.name in d and f.name not in ("dtype", "param_dtype",
+                                                "rope_scaling")}
+    if fields.get("num_key_value_heads") is None:  # Llama: None means MHA
+      fields["num_key_value_heads"] = d["num_attention_heads"]
+    if "sliding_window" not in d:  # Llama configs have none
+      fields["sliding_window"] = None
+    fields.update(rope_theta=float(theta), rope_type=rope_type,
+                  rope_scaling=tuple(sorted(rope.items())))
     eos = fields.get("eos_token_id")
     if isinstance(eos, list | tuple):
       fields["eos_token_id"] = eos[0]
@@ -102,10 +132,10 @@ class MistralConfig:
     return cls(**fields)
 
   def to_hf(self):
-    """A ``transformers.MistralConfig`` describing the same architecture."""
+    """A ``transformers`` config describing the same architecture."""
     import transformers
 
-    return transformers.MistralConfig(
+    common = dict(
         vocab_size=self.vocab_size, hidden_size=self.hidden_size,
         intermediate_size=self.intermediate_size,
         num_hidden_layers=self.num_hidden_layers,
@@ -113,9 +143,46 @@ class MistralConfig:
         num_key_value_heads=self.num_key_value_heads,
         head_dim=self.dim_per_head,
         max_position_embeddings=self.max_position_embeddings,
-        rope_theta=self.rope_theta, rms_norm_eps=self.rms_norm_eps,
-        sliding_window=self.sliding_window,
+        rope_theta=self.rope_theta,
+        # The name transformers 4 reads; transformers 5 turns it into
+        # rope_parameters.
+        rope_scaling=(None if self.rope_type == "default" else
+                      {"rope_type": self.rope_type, **dict(self.rope_scaling)}),
+        rms_norm_eps=self.rms_norm_eps,
         tie_word_embeddings=self.tie_word_embeddings,
         initializer_range=self.initializer_range,
         bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id,
-        pad_token_id=self.pad_token_id, architectures=["MistralForCausalLM"])
+        pad_token_id=self.pad_token_id,
+        architectures=[ARCHITECTURES[self.model_type]])
+    if self.model_type == "llama":
+      return transformers.LlamaConfig(attention_bias=self.attention_bias,
+                                      mlp_bias=self.mlp_bias, **common)
+    return transformers.MistralConfig(sliding_window=self.sliding_window,
+                                      **common)
+
+
+def _rope_dict(d: dict) -> dict:
+  """RoPE settings of an HF config dict: transformers 5 or 4 layout."""
+  return d.get("rope_parameters") or d.get("rope_scaling") or {}
+
+
+def check_supported(d: dict) -> None:
+  """Raises a one-line ValueError unless ``d`` (an HF config dict) is ours."""
+  supported = ", ".join(ARCHITECTURES.values())
+  model_type = d.get("model_type")
+  names = d.get("architectures") or []
+  if model_type not in ARCHITECTURES or any(
+      n != ARCHITECTURES[model_type] for n in names):
+    what = ", ".join(names) or f"model_type {model_type!r}"
+    raise ValueError(f"unsupported architecture {what}: supported are "
+                     f"{supported}")
+  if d.get("hidden_act", "silu") != "silu":
+    raise ValueError(f"unsupported hidden_act {d['hidden_act']!r}: only silu")
+  rope = _rope_dict(d)
+  rope_type = rope.get("rope_type", rope.get("type", "default"))
+  if rope_type not in ROPE_TYPES:
+    raise ValueError(f"unsupported rope_type {rope_type!r}: supported are "
+                     f"{', '.join(ROPE_TYPES)}")
+  if rope.get("partial_rotary_factor", 1.0) != 1.0:
+    raise ValueError("unsupported partial_rotary_factor "
+                     f"{rope['partial_rotary_factor']}: only 1.0")

@@ -1,5 +1,8 @@
 """Hugging Face checkpoint folders <-> our params, through safetensors only.
 
+Folders of ``MistralForCausalLM`` and ``LlamaForCausalLM`` are read and
+written; any other architecture is refused in one line naming these two.
+
 Loading goes leaf by leaf: each tensor is read, cast and placed on its
 sharding before the next is read, so a 7B checkpoint never has a full float32
 copy in host memory. Saving writes ``model.safetensors`` or, above
@@ -25,7 +28,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from bfpo_jax.model.config import MistralConfig
+from bfpo_jax.model.config import MistralConfig, check_supported
 from bfpo_jax.model.mistral import abstract_params, param_path
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -34,15 +37,21 @@ SINGLE_FILE = "model.safetensors"
 _IGNORED_HF = re.compile(r"rotary_emb\.inv_freq$")
 
 
+class ModelFolderError(ValueError):
+  """A model folder that cannot be loaded (one line, names the folder)."""
+
+
 def hf_name(path: str) -> tuple[str, bool]:
   """HF tensor name of one of our param paths, and whether it is transposed.
 
   'layers/0/mlp/down_proj/kernel' -> ('model.layers.0.mlp.down_proj.weight',
   True); HF stores linear weights as [out, in], we store kernels [in, out].
+  Biases keep their name: '.../q_proj/bias' -> '...q_proj.bias'.
   """
   *parents, leaf = path.split("/")
   prefix = "" if parents[0] == "lm_head" else "model."
-  return prefix + ".".join(parents) + ".weight", leaf == "kernel"
+  suffix = ".bias" if leaf == "bias" else ".weight"
+  return prefix + ".".join(parents) + suffix, leaf == "kernel"
 
 
 def _parse_size(size) -> int:
@@ -70,26 +79,45 @@ def _tensor_files(path: str) -> dict[str, str]:
     with safe_open(single, "numpy") as f:
       return {name: single for name in f.keys()}
   if glob.glob(os.path.join(path, "pytorch_model*.bin")):
-    raise ValueError(
+    raise ModelFolderError(
         f"{path}: only PyTorch pickle weights (pytorch_model*.bin) found; they "
         "are refused because unpickling runs arbitrary code. Convert once, in "
-        "a trusted environment: MistralForCausalLM.from_pretrained(path)"
+        "a trusted environment: AutoModelForCausalLM.from_pretrained(path)"
         ".save_pretrained(out, safe_serialization=True)")
   raise FileNotFoundError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE}")
 
 
 def load_config(path: str, **overrides) -> MistralConfig:
-  """Reads ``path/config.json`` into a :class:`MistralConfig`."""
+  """Reads ``path/config.json`` into a :class:`MistralConfig`.
+
+  Raises:
+    FileNotFoundError: no ``config.json``.
+    ValueError: one line, for an architecture or setting not supported.
+  """
   import transformers
 
-  if not os.path.isfile(os.path.join(path, "config.json")):
+  config_file = os.path.join(path, "config.json")
+  if not os.path.isfile(config_file):
     raise FileNotFoundError(f"{path}: no config.json (not a model folder)")
+  with open(config_file) as f:
+    raw = json.load(f)
+  try:  # before AutoConfig, which fails obscurely on unknown model types
+    check_supported(raw)
+  except ValueError as e:
+    raise ValueError(f"{path}: {e}") from None
   return MistralConfig.from_hf(transformers.AutoConfig.from_pretrained(path),
                                **overrides)
 
 
+def check_folder(path: str) -> None:
+  """Raises, before any weight is read, what :func:`load_hf` would on a
+  folder without ``config.json`` or without safetensors weights."""
+  load_config(path)
+  _tensor_files(path)
+
+
 def load_hf(path: str, dtype=jnp.float32, shardings=None, **config_overrides):
-  """Loads a Hugging Face Mistral folder.
+  """Loads a Hugging Face Mistral or Llama folder.
 
   Args:
     path: folder with ``config.json`` and safetensors weights (single file or
@@ -118,7 +146,7 @@ def load_hf(path: str, dtype=jnp.float32, shardings=None, **config_overrides):
                       if not _IGNORED_HF.search(n)
                       and not (cfg.tie_word_embeddings and n == "lm_head.weight"))
   if missing or unexpected:
-    raise ValueError(f"{path}: checkpoint does not match config.json: "
+    raise ModelFolderError(f"{path}: checkpoint does not match config.json: "
                      f"missing {missing[:5]}, unexpected {unexpected[:5]}")
 
   out = []
@@ -130,7 +158,7 @@ def load_hf(path: str, dtype=jnp.float32, shardings=None, **config_overrides):
       tensor = handles[files[name]].get_tensor(name)
       expected = spec.shape[::-1] if transpose else spec.shape
       if tensor.shape != expected:
-        raise ValueError(f"{path}: {name} has shape {tensor.shape}, "
+        raise ModelFolderError(f"{path}: {name} has shape {tensor.shape}, "
                          f"config.json implies {expected}")
       if transpose:
         tensor = tensor.T
@@ -150,7 +178,9 @@ def _to_host(x):
 
 def save_hf(path: str, cfg: MistralConfig, params, *, max_shard_size="5GB",
             dtype=None):
-  """Writes a folder that ``MistralForCausalLM.from_pretrained`` loads.
+  """Writes a folder that ``AutoModelForCausalLM.from_pretrained`` loads.
+
+  The architecture written (Mistral or Llama) is ``cfg.model_type``.
 
   Args:
     path: output folder (created).

@@ -1,7 +1,9 @@
-"""Mistral decoder in Flax NNX, and the functional surface around it.
+"""Mistral (and Llama) decoder in Flax NNX, and the functional surface around it.
 
 The modules mirror ``transformers``' ``MistralForCausalLM`` (RoPE, grouped-query
-attention, optional sliding window, RMSNorm, SwiGLU, tied or untied output).
+attention, optional sliding window, RMSNorm, SwiGLU, tied or untied output);
+``LlamaForCausalLM`` is the same network without the window, with optional
+projection biases and scaled RoPE (see :class:`MistralConfig`).
 Each parameter carries logical axis names in its ``out_sharding`` metadata
 (``vocab``, ``embed``, ``q_heads``, ``kv_heads``, ``mlp``, ``norm``) that
 :mod:`bfpo_jax.sharding` maps to mesh axes.
@@ -51,6 +53,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bfpo_jax.model.config import MistralConfig
+from bfpo_jax.model.rope import rope, rope_frequencies
 
 _ACTIVATION_SHARDING = contextvars.ContextVar("activation_sharding",
                                               default=None)
@@ -93,14 +96,19 @@ def _param(rngs, cfg, shape, axes, init=None):
 
 
 class Dense(nnx.Module):
-  """``x @ kernel`` without bias; kernel [in, out], computed in ``cfg.dtype``."""
+  """``x @ kernel (+ bias)``; kernel [in, out], computed in ``cfg.dtype``."""
 
-  def __init__(self, cfg, d_in, d_out, axes, rngs):
+  def __init__(self, cfg, d_in, d_out, axes, rngs, use_bias=False):
     self.dtype = cfg.dtype
     self.kernel = _param(rngs, cfg, (d_in, d_out), axes)
+    if use_bias:
+      self.bias = _param(rngs, cfg, (d_out,), axes[1:], nnx.initializers.zeros)
 
   def __call__(self, x):
-    return jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    if hasattr(self, "bias"):
+      y = y + self.bias[...].astype(self.dtype)
+    return y
 
 
 class RMSNorm(nnx.Module):
@@ -116,18 +124,6 @@ class RMSNorm(nnx.Module):
     x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True)
                               + self.eps)
     return self.scale[...].astype(self.dtype) * x32.astype(self.dtype)
-
-
-def rope(x_BxTxNxH, positions_BxT, theta):
-  """Rotary embedding, half-split layout (``rotate_half``) as in transformers."""
-  h = x_BxTxNxH.shape[-1]
-  inv_freq = 1.0 / theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h)
-  angles_BxTxH2 = positions_BxT[..., None].astype(jnp.float32) * inv_freq
-  cos = jnp.cos(angles_BxTxH2)[:, :, None, :]
-  sin = jnp.sin(angles_BxTxH2)[:, :, None, :]
-  x1, x2 = jnp.split(x_BxTxNxH.astype(jnp.float32), 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x_BxTxNxH.dtype)
 
 
 def attention_mask(key_valid_BxS, query_index_T, sliding_window,
@@ -225,10 +221,11 @@ class Attention(nnx.Module):
     self.cfg = cfg
     d, n, k, h = (cfg.hidden_size, cfg.num_attention_heads,
                   cfg.num_key_value_heads, cfg.dim_per_head)
-    self.q_proj = Dense(cfg, d, n * h, ("embed", "q_heads"), rngs)
-    self.k_proj = Dense(cfg, d, k * h, ("embed", "kv_heads"), rngs)
-    self.v_proj = Dense(cfg, d, k * h, ("embed", "kv_heads"), rngs)
-    self.o_proj = Dense(cfg, n * h, d, ("q_heads", "embed"), rngs)
+    bias = cfg.attention_bias
+    self.q_proj = Dense(cfg, d, n * h, ("embed", "q_heads"), rngs, bias)
+    self.k_proj = Dense(cfg, d, k * h, ("embed", "kv_heads"), rngs, bias)
+    self.v_proj = Dense(cfg, d, k * h, ("embed", "kv_heads"), rngs, bias)
+    self.o_proj = Dense(cfg, n * h, d, ("q_heads", "embed"), rngs, bias)
 
   def __call__(self, x_BxTxD, positions_BxT, key_valid_BxS, query_index_T,
                cache=None, segment_ids=None, branch_ids=None):
@@ -237,10 +234,11 @@ class Attention(nnx.Module):
     n, k, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.dim_per_head
     heads = BTD[:2] + ("act_heads", None)
     kv_heads = BTD[:2] + ("act_kv_heads", None)
+    inv_freq, factor = rope_frequencies(cfg)
     q_BxTxNxH = rope(pin(self.q_proj(x_BxTxD).reshape(b, t, n, h), heads),
-                     positions_BxT, cfg.rope_theta)
+                     positions_BxT, cfg.rope_theta, inv_freq, factor)
     k_BxTxKxH = rope(pin(self.k_proj(x_BxTxD).reshape(b, t, k, h), kv_heads),
-                     positions_BxT, cfg.rope_theta)
+                     positions_BxT, cfg.rope_theta, inv_freq, factor)
     v_BxTxKxH = pin(self.v_proj(x_BxTxD).reshape(b, t, k, h), kv_heads)
     if cache is not None:
       start = query_index_T[0]
@@ -280,10 +278,10 @@ class MLP(nnx.Module):
   """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
 
   def __init__(self, cfg, rngs):
-    d, f = cfg.hidden_size, cfg.intermediate_size
-    self.gate_proj = Dense(cfg, d, f, ("embed", "mlp"), rngs)
-    self.up_proj = Dense(cfg, d, f, ("embed", "mlp"), rngs)
-    self.down_proj = Dense(cfg, f, d, ("mlp", "embed"), rngs)
+    d, f, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+    self.gate_proj = Dense(cfg, d, f, ("embed", "mlp"), rngs, bias)
+    self.up_proj = Dense(cfg, d, f, ("embed", "mlp"), rngs, bias)
+    self.down_proj = Dense(cfg, f, d, ("mlp", "embed"), rngs, bias)
 
   def __call__(self, x):
     mlp = BTD[:2] + ("act_mlp",)
