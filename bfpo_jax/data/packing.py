@@ -8,7 +8,7 @@ out once, and pairs are packed first-fit into rows of ``length`` tokens::
     positions  0 ......... k-1 | k k+1 ..... k+m+1 | k k+1 ... k+n+1 |
     segment_ids s (the pair's slot in the row + 1) throughout; 0 = padding
 
-Attention (``model.mistral.attention_mask``) lets a token see the earlier
+Attention (``model.attention.attention_mask``) lets a token see the earlier
 tokens of its own segment that are prompt (branch 0) or of its own branch:
 rejected tokens see the prompt and themselves, never the chosen ones. Each
 branch opens with its own copy of the last prompt token, so the hidden state
