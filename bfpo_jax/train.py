@@ -40,7 +40,7 @@ from bfpo_jax.checkpoint import (
   SaveError,
   quiet_orbax_tracebacks,
 )
-from bfpo_jax.config import ConfigError, default_config, validate
+from bfpo_jax.config import ConfigError, default_config, pack_length, validate
 from bfpo_jax.data.sources import DataError
 from bfpo_jax.data.tokenize import CHAT_TEMPLATE
 from bfpo_jax.model.hf_io import save_hf
@@ -216,7 +216,9 @@ def _train(config, workdir: str) -> dict:
       frozen_dtype=jnp.dtype(config.model.param_dtype),
       compute_dtype=jnp.dtype(config.model.dtype),
       chunk_size=config.loss.chunk_size,
-      remat_policy=config.model.remat_policy)
+      remat_policy=config.model.remat_policy,
+      layout="padded" if config.stage == "sft" else config.data.preference_layout,
+      pack_length=pack_length(config))
   log = Logger(workdir, config.stage, steps, start, resumed)
   log.info(_summary(config, mesh, model_cfg, state, data, steps, memory))
   for note in notes:
