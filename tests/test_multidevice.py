@@ -27,4 +27,4 @@ def test_meshes_match_single_device():
   assert mixed["down_proj"] == ["tensor", "fsdp"]
   assert mixed["gate_proj"] == ["fsdp", "tensor"]
   assert results["fsdp8/acc1"]["down_proj"][-1] == "fsdp"
-  assert {"packed/single/acc1", "packed/fsdp8/acc2"} <= set(results)
+  assert {"packed/data2_fsdp2_tensor2/acc1", "packed/fsdp8/acc2"} <= set(results)

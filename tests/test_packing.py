@@ -1,11 +1,9 @@
 """Packed preference pairs: layout, equal log-probs, losses and gradients."""
 
+import dataclasses
 import functools
 import importlib
-import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,14 +11,15 @@ import numpy as np
 import optax
 import pytest
 
-from bfpo_jax import build, sharding
+from bfpo_jax import build, sharding, train
 from bfpo_jax import train_step as ts
 from bfpo_jax.config import ConfigError, default_config, pack_length, validate
 from bfpo_jax.data import packing, pipeline
 from bfpo_jax.data.sources import DataError
 from bfpo_jax.model import MistralConfig, init_params
-from bfpo_jax.model.mistral import attention_mask, blockwise_attention
+from bfpo_jax.model.attention import attention_mask, blockwise_attention
 from bfpo_jax.model.tokenizer import load_tokenizer
+from configs import tiny
 from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -114,54 +113,58 @@ def test_blockwise_attention_equals_dense_with_gradients():
                             "segment_ids", "branch_ids", "positions")))
   valid = b["attention_mask"][..., None, None]
 
-  def loss(fn, *args):
-    return jnp.sum(jnp.where(valid, fn(*args), 0.0) ** 2)
+  @jax.jit
+  def outputs_and_grads(q, key, v):
+    def loss(fn, *args):
+      return jnp.sum(jnp.where(valid, fn(*args), 0.0) ** 2)
+    dense = functools.partial(jax.nn.dot_product_attention, mask=mask,
+                              implementation="xla")
+    tiles = functools.partial(blockwise_attention, mask_Bx1xTxS=mask, block=16)
+    return [(fn(q, key, v), jax.grad(functools.partial(loss, fn), (0, 1, 2))(
+        q, key, v)) for fn in (dense, tiles)]
 
-  dense = functools.partial(jax.nn.dot_product_attention, mask=mask,
-                            implementation="xla")
-  tiles = functools.partial(blockwise_attention, mask_Bx1xTxS=mask, block=16)
-  np.testing.assert_allclose(jnp.where(valid, tiles(q, key, v), 0),
-                             jnp.where(valid, dense(q, key, v), 0), atol=1e-5)
-  assert np.isfinite(np.asarray(tiles(q, key, v))).all()  # padding included
-  for want, got in zip(jax.grad(functools.partial(loss, dense), (0, 1, 2))(
-      q, key, v), jax.grad(functools.partial(loss, tiles), (0, 1, 2))(q, key, v)):
+  (dense, dense_grads), (tiles, tiles_grads) = outputs_and_grads(q, key, v)
+  np.testing.assert_allclose(jnp.where(valid, tiles, 0),
+                             jnp.where(valid, dense, 0), atol=1e-5)
+  assert np.isfinite(np.asarray(tiles)).all()  # padding included
+  for want, got in zip(dense_grads, tiles_grads):
     np.testing.assert_allclose(got, want, atol=1e-4)
 
 
-CFG = helpers.tiny_config(sliding_window=6)
+CFG = helpers.tiny_config(sliding_window=6, num_hidden_layers=1)
 
 
 @functools.lru_cache
-def _state(stage="bfpo", average=False, precomputed=False):
-  """A state whose policy differs from its reference (one step taken)."""
-  step_cfg = ts.StepConfig(stage=stage, beta=0.1, mode="full", chunk_size=8,
-                           average_logps=average)
-  optimizer = optax.sgd(0.05)
-  params = init_params(CFG, jax.random.key(0))
-  state, _ = ts.create_state(params, optimizer, step_cfg, CFG)
-  state, _ = ts.build_train_step(CFG, step_cfg, optimizer)(
-      state, helpers.preference_batch(7))
-  if precomputed:
-    step_cfg = ts.StepConfig(stage=stage, beta=0.1, mode="full", chunk_size=8,
-                             average_logps=average, precomputed_reference=True)
-  return state, step_cfg
+def _state():
+  """A full-mode state whose policy differs from its reference."""
+  step_cfg = ts.StepConfig(stage="bfpo", beta=0.1, mode="full", chunk_size=8)
+  state, _ = ts.create_state(init_params(CFG, jax.random.key(0)),
+                             optax.sgd(0.05), step_cfg, CFG)
+  leaves, tree = jax.tree.flatten(state.trainable)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  moved = [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+  return state._replace(trainable=jax.tree.unflatten(tree, moved)), step_cfg
 
 
-def _cases():
-  """Pairs of very different lengths, one that fills a row alone, rows with
-  empty slots and an empty row."""
-  rng = np.random.default_rng(3)
+def _step_cfg(**changes):
+  return dataclasses.replace(_state()[1], **changes)
+
+
+def _cases(rng, alone):
+  """Pairs of very different lengths and one of ``alone`` tokens, which
+  fills a packed row by itself."""
   tok = lambda n: rng.integers(3, helpers.VOCAB, n).tolist()  # noqa: E731
   lens = [(1, 1, 1), (9, 2, 14), (3, 20, 1), (5, 5, 5), (2, 1, 30), (4, 7, 3)]
   pairs = [_pair(tok(p), tok(c), tok(r), (bool(i % 2), bool(i % 3)))
            for i, (p, c, r) in enumerate(lens)]
-  alone = _pair(tok(11), tok(13), tok(15))  # 11 + 13 + 15 + 1 = a full row
-  return pairs + [alone]
+  p = (alone - 1) // 3
+  c = (alone - 1 - p) // 2
+  return pairs + [_pair(tok(p), tok(c), tok(alone - 1 - p - c))]
 
 
-def _padded_and_packed(pairs, **kw):
-  padded = pipeline.collate_pairs(pairs, buckets=(48,), pad_id=0)
-  packed = packing.pack_pairs(pairs, length=40, pairs_per_row=3, **kw)
+def _padded_and_packed(pairs, length=40, **kw):
+  padded = pipeline.collate_pairs(pairs, buckets=(length,), pad_id=0)
+  packed = packing.pack_pairs(pairs, length=length, pairs_per_row=3, **kw)
   return padded, packed
 
 
@@ -172,72 +175,59 @@ def _by_pair(packed, values):
   return out
 
 
-@pytest.mark.parametrize("average", [False, True])
-def test_packed_logps_equal_unpacked(average):
-  state, step_cfg = _state(average=average)
-  pairs = _cases()
-  padded, packed = _padded_and_packed(pairs, rows_multiple=4)
+def test_packed_logps_equal_unpacked():
+  """Policy and reference, summed and averaged, with mean logits; rows of 256
+  so the model runs the CPU's tiled attention (two tiles of 128)."""
+  state, _ = _state()
+  pairs = _cases(np.random.default_rng(3), alone=256)
+  padded, packed = _padded_and_packed(pairs, length=256, rows_multiple=4)
   assert (packed["weight"] == 0).any() and not packed["weight"][-1].any()
-  assert 40 in [int(r.sum()) for r in packed["attention_mask"]]  # a full row
-  for params in (ts.policy_params(state, step_cfg),
-                 ts.reference_params(state, step_cfg)):
-    (want, want_logits) = ts.pair_logps(CFG, step_cfg, params, padded,
-                                        with_logits=True)
-    (got, got_logits) = ts.pair_logps(CFG, step_cfg, params, packed,
-                                      with_logits=True)
-    for w, g in zip(want + want_logits, got + got_logits):
-      np.testing.assert_allclose(_by_pair(packed, g), w, atol=1e-4, rtol=1e-5)
+  assert 256 in packed["attention_mask"].sum(1)  # a pair fills a row alone
+  cfgs = (_step_cfg(), _step_cfg(average_logps=True))
+  fn = jax.jit(lambda params, batch: [ts.pair_logps(CFG, c, params, batch,
+                                                    with_logits=True)
+                                      for c in cfgs])
+  for params in (ts.policy_params(state, cfgs[0]),
+                 ts.reference_params(state, cfgs[0])):
+    for (want, want_logits), (got, got_logits) in zip(fn(params, padded),
+                                                      fn(params, packed)):
+      for w, g in zip(want + want_logits, got + got_logits):
+        np.testing.assert_allclose(_by_pair(packed, g), w, atol=1e-4,
+                                   rtol=1e-5)
 
 
-@pytest.mark.parametrize("stage", ["bfpo", "dpo", "ipo"])
-def test_losses_and_gradients_equal_with_a_packed_buffer(stage):
-  state, step_cfg = _state(stage)
-  step_cfg = ts.StepConfig(**{**step_cfg.__dict__, "buffer_weight": 1.0,
-                              "buffer_task": "preference"})
-  pairs = _cases()
+def test_bfpo_dpo_ipo_losses_and_gradients_equal():
+  """The recipe's BFPO step (safety pairs + a helpfulness buffer batch, both
+  packed), DPO and IPO: losses, metrics and gradients equal the padded ones."""
+  state, _ = _state()
+  pairs = _cases(np.random.default_rng(4), alone=40)
   padded, packed = _padded_and_packed(pairs[:4])
   padded["buffer"], packed["buffer"] = _padded_and_packed(pairs[3:])
+  cfgs = [_step_cfg(buffer_weight=1.0, buffer_task="preference"),
+          _step_cfg(stage="dpo"), _step_cfg(stage="ipo")]
 
-  def loss_and_grads(batch):
-    fn = functools.partial(ts.microbatch_loss, state=state, batch=batch,
-                           denominators=ts._denominators(batch, step_cfg),
-                           model_cfg=CFG, step_cfg=step_cfg)
-    return jax.value_and_grad(lambda t: fn(t), has_aux=True)(state.trainable)
+  @jax.jit
+  def losses_and_grads(state, batch):
+    out = []
+    for step_cfg in cfgs:
+      b = batch if step_cfg.buffer_weight else {
+          k: v for k, v in batch.items() if k != "buffer"}
+      fn = functools.partial(ts.microbatch_loss, state=state, batch=b,
+                             denominators=ts._denominators(b, step_cfg),
+                             model_cfg=CFG, step_cfg=step_cfg)
+      out.append(jax.value_and_grad(fn, has_aux=True)(state.trainable))
+    return out
 
-  (_, want), want_grads = loss_and_grads(padded)
-  (_, got), got_grads = loss_and_grads(packed)
-  assert set(want) == set(got)
-  for key in want:
-    np.testing.assert_allclose(got[key], want[key], atol=1e-4, rtol=1e-4,
-                               err_msg=key)
-  assert float(want["loss"]) > 0 and float(want["buffer_loss"]) > 0
-  for w, g in zip(jax.tree.leaves(want_grads), jax.tree.leaves(got_grads)):
-    np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4)
-
-
-def test_accumulated_steps_and_precomputed_reference_equal():
-  state, step_cfg = _state()
-  pairs = _cases()
-  padded, packed = _padded_and_packed(pairs[:6], rows_multiple=2)
-  ref = ts.reference_logps_step(state, packed, model_cfg=CFG, step_cfg=step_cfg)
-  want_ref = ts.reference_logps_step(state, padded, model_cfg=CFG,
-                                     step_cfg=step_cfg)
-  for side, w, g in zip(("chosen", "rejected"), want_ref, ref):
-    np.testing.assert_allclose(_by_pair(packed, g), w, atol=1e-4)
-    padded[f"reference_{side}_logps"] = np.asarray(w)
-    packed[f"reference_{side}_logps"] = np.asarray(g)
-  _, pre_cfg = _state(precomputed=True)
-  results = []
-  for cfg_, batch in ((step_cfg, padded), (step_cfg, packed),
-                      (pre_cfg, packed)):
-    cfg_ = ts.StepConfig(**{**cfg_.__dict__, "accumulation_steps": 2})
-    step = ts.build_train_step(CFG, cfg_, optax.sgd(0.05))
-    new, metrics = step(jax.tree.map(jnp.copy, state), batch)
-    results.append((float(metrics["loss"]), new.trainable))
-  for loss, trained in results[1:]:
-    np.testing.assert_allclose(loss, results[0][0], rtol=1e-5)
-    for w, g in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(trained)):
-      np.testing.assert_allclose(g, w, atol=1e-5)
+  for step_cfg, ((_, want), want_grads), ((_, got), got_grads) in zip(
+      cfgs, losses_and_grads(state, padded), losses_and_grads(state, packed)):
+    assert set(want) == set(got)
+    for key in want:
+      np.testing.assert_allclose(got[key], want[key], atol=1e-4, rtol=1e-4,
+                                 err_msg=f"{step_cfg.stage}: {key}")
+    assert float(want["loss"]) > 0
+    assert ("buffer_loss" in want) == (step_cfg.stage == "bfpo")
+    for w, g in zip(jax.tree.leaves(want_grads), jax.tree.leaves(got_grads)):
+      np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4)
 
 
 def test_pair_mask_adds_no_float_mask_on_the_7b_shape():
@@ -266,8 +256,8 @@ def test_pair_mask_adds_no_float_mask_on_the_7b_shape():
 
 
 def test_memory_report_counts_packed_rows():
-  cfg = MistralConfig.mistral_7b()
-  sizes = {"data": 1, "fsdp": 4, "tensor": 1}
+  cfg = helpers.tiny_config()
+  sizes = {"data": 1, "fsdp": 1, "tensor": 1}
   padded = sharding.memory_report(cfg, sizes, pairs_per_device=4)
   packed = sharding.memory_report(cfg, sizes, pairs_per_device=4,
                                   layout="packed")
@@ -276,6 +266,8 @@ def test_memory_report_counts_packed_rows():
   attention = lambda b, t: b * cfg.num_attention_heads * t * t * 4 + b * t * t  # noqa: E731
   assert (packed["activations_estimate"] - padded["activations_estimate"]
           == attention(4, 2048) - attention(8, 1024))
+  assert all(packed[k] == padded[k] for k in padded
+             if k not in ("activations_estimate", "total"))
 
 
 def test_config_validates_the_layout():
@@ -294,30 +286,44 @@ def test_config_validates_the_layout():
   validate(c, 1)
 
 
-@pytest.mark.slow
-def test_training_cli_packed_equals_padded(tmp_path):
-  """The tiny recipe (safety pairs + a helpfulness buffer, 2 microbatches,
-  precomputed reference, evaluation) gives the same losses packed."""
+def test_precomputed_reference_and_eval_of_a_run_equal_padded(tmp_path):
+  """build's packed run (reference log-probs of every pair computed in packed
+  rows and put back by ``pair_index``, packed eval batches) gives the padded
+  run's figures."""
+  tokenizer, mesh = load_tokenizer(), sharding.make_mesh(1, -1, 1)
+  c = tiny.get_config()
+  c.data.sources, c.data.buffer_sources = c.data.sources[:1], ()
+  c.data.limit_per_source, c.data.eval_fraction = 24, 0.25
+  c.batch.global_size, c.batch.per_device, c.batch.accumulation = 16, 16, 1
+  c.data.max_prompt_length, c.data.max_length = 32, 64
+  c.data.buckets, c.loss.precompute_reference = (64,), True
+  model_cfg, params = build.load_model(c, mesh)
+  step_cfg = build.step_config(c)
+  state, shardings = ts.create_state(params, optax.sgd(0.1), step_cfg,
+                                     model_cfg, mesh=mesh)
+  moved = state._replace(trainable=jax.tree.map(lambda x: x * 1.05,
+                                                state.trainable))
+  eval_fn = ts.build_eval_step(model_cfg, step_cfg, mesh=mesh,
+                               shardings=shardings)
   runs = {}
   for layout in ("padded", "packed"):
-    workdir = tmp_path / layout
-    proc = subprocess.run(
-        [sys.executable, "-m", "bfpo_jax.train", "--config=configs/tiny.py",
-         f"--workdir={workdir}", "--config.max_steps=3",
-         "--config.data.max_length=64", "--config.data.max_prompt_length=32",
-         "--config.data.buckets=(64,)", "--config.eval_every_steps=3",
-         "--config.export_hf=False", "--config.loss.precompute_reference=True",
-         f"--config.data.preference_layout={layout}"],
-        cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
-        capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    with open(workdir / "metrics.jsonl") as f:
-      runs[layout] = [json.loads(line) for line in f]
-  for padded, packed in zip(runs["padded"], runs["packed"], strict=True):
-    for key in ("loss", "buffer_loss", "eval/loss", "eval/rewards/accuracy"):
-      if key in padded:
-        np.testing.assert_allclose(packed[key], padded[key], rtol=1e-4,
-                                   atol=1e-5, err_msg=key)
+    c.data.preference_layout = layout
+    examples = build.load_examples(c, tokenizer)
+    # A pair of two equal responses is a tie whose accuracy rounding flips.
+    examples.held_out = [e for e in examples.held_out
+                         if e["chosen_ids"] != e["rejected_ids"]]
+    build.attach_reference_logps(c, model_cfg, step_cfg, params, examples, mesh,
+                                 str(tmp_path / f"{layout}.npz"))
+    pairs = [e for source in examples.train for e in source] + examples.held_out
+    runs[layout] = ([(e["reference_chosen_logps"], e["reference_rejected_logps"])
+                     for e in pairs], train.evaluate(
+                         eval_fn, moved, build.make_data(c, examples, 1), mesh))
+  np.testing.assert_allclose(runs["packed"][0], runs["padded"][0], atol=1e-4)
+  want, got = runs["padded"][1], runs["packed"][1]
+  assert want["loss"] > 0 and 0 < want["rewards/accuracy"] < 1
+  for key in want:
+    np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-5,
+                               err_msg=key)
 
 
 def test_recipe_data_packs_train_buffer_and_eval(tmp_path):
