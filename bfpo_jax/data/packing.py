@@ -84,12 +84,11 @@ def _lay_out(example):
   if k < 1:
     raise DataError("a packed pair needs at least one prompt token")
   chosen, rejected = example["chosen_ids"], example["rejected_ids"]
-  shared = list(chosen[: k - 1])
-  ids, branch, positions, loss = shared, [0] * len(shared), list(range(k - 1)), [
-      False] * len(shared)
+  ids = list(chosen[: k - 1])
+  branch, positions, loss = [0] * (k - 1), list(range(k - 1)), [False] * (k - 1)
   for b, side in ((1, chosen), (2, rejected)):
     branch_tokens = list(side[k - 1:])  # the last prompt token + the response
-    ids = ids + branch_tokens
+    ids += branch_tokens
     branch += [b] * len(branch_tokens)
     positions += list(range(k - 1, len(side)))
     loss += [False] + [True] * (len(branch_tokens) - 1)
