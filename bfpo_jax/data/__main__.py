@@ -77,7 +77,7 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
 
   from bfpo_jax.data.pipeline import prepare
-  from bfpo_jax.model.tokenizer import load_tokenizer
+  from bfpo_jax.tokenizer import load_tokenizer
 
   try:
     specs = [SourceSpec.parse(s, task=args.task, split=args.split,
