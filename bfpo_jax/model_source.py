@@ -83,11 +83,10 @@ def check_model_source(config) -> None:
   if not given:
     return
   field = _source_field(config)
-  adapter = peft_adapter(config)
-  if adapter and not model_source(config):
+  adapter, source = peft_adapter(config), model_source(config)
+  if adapter and not source:
     raise ConfigError(f"init_from: the PEFT adapter {given} names no base "
                       "model; set --config.model.hf_path")
-  source = model_source(config)
   checkpoints = os.path.join(given, "checkpoints")
   if source == given and os.path.isdir(checkpoints) and any(
       name.isdigit() for name in os.listdir(checkpoints)):
@@ -97,8 +96,9 @@ def check_model_source(config) -> None:
         f"bfpo_jax.train --export_only --workdir {given}")
   if adapter and not config.model.hf_path:
     field = f"init_from (the base model its {peft_io.ADAPTER_CONFIG} names)"
+  folder = model_folder(config)
   try:
-    hf_io.check_folder(model_folder(config))
+    hf_io.check_folder(folder)
   except (FileNotFoundError, ValueError) as e:
     raise ConfigError(f"{field}: {e}") from None
 

@@ -132,19 +132,23 @@ def _read_json(path):
 
 
 def export(config, model_cfg, state, step_cfg, tokenizer, workdir,
-           summary=None):
+           summary=None, notes=None):
   """Writes workdir/hf_export: weights (LoRA merged), the tokenizer with the
   Zephyr chat template the model was trained on (for apply_chat_template,
   vLLM and the lm-evaluation-harness's chat mode) and a model card; a LoRA
   run also writes its adapters as a PEFT folder, workdir/peft_adapter.
 
+  Args:
+    summary: the run's summary for the model card (default: summary.json).
+    notes: a list that gets a line for anything not exported, and why.
+
   Returns:
-    ``(hf_export folder, notes)``.
+    The hf_export folder.
   """
   out = os.path.join(workdir, build.EXPORT_DIR)
   params = ts.policy_params(state, step_cfg)
   save_hf(out, model_cfg, params, dtype=jnp.dtype(config.model.param_dtype))
-  notes, source = [], build.model_source(config)
+  source = build.model_source(config)
   card = dict(source=source, source_folder=build.model_folder(config),
               summary=summary or _read_json(os.path.join(workdir,
                                                          "summary.json")),
@@ -159,12 +163,13 @@ def export(config, model_cfg, state, step_cfg, tokenizer, workdir,
       if jax.process_index() == 0:
         model_card.write(folder, config, library="peft", **card)
     except peft_io.AdapterError as e:
-      notes.append(f"no PEFT export: {e}")
+      if notes is not None:
+        notes.append(f"no PEFT export: {e}")
   if jax.process_index() == 0:
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(out)
     model_card.write(out, config, **card)
-  return out, notes
+  return out
 
 
 def _empty_sources(config, report) -> list[str]:
@@ -381,8 +386,9 @@ def _train(config, workdir: str) -> dict:
       last_eval = evaluate(eval_fn, state, data, mesh)
     summary["eval"] = {k: float(v) for k, v in last_eval.items()}
     if config.export_hf:
-      summary["export"], export_notes = export(
-          config, model_cfg, state, step_cfg, tokenizer, workdir, summary)
+      export_notes = []
+      summary["export"] = export(config, model_cfg, state, step_cfg,
+                                 tokenizer, workdir, summary, export_notes)
       for note in export_notes:
         log.info(note)
   log.info(f"{status} at step {final_step}/{steps}; workdir {workdir}")
@@ -420,9 +426,9 @@ def export_only(config, workdir: str) -> str:
     if restored is None:
       raise ConfigError(f"{workdir}: no checkpoints to export")
     state, _, skipped = restored
-    out, export_notes = export(config, model_cfg, state, step_cfg, tokenizer,
-                               workdir)
-    notes += skipped + export_notes
+    notes += skipped
+    out = export(config, model_cfg, state, step_cfg, tokenizer, workdir,
+                 notes=notes)
     if jax.process_index() == 0:
       for note in notes:
         print(note)

@@ -156,3 +156,23 @@ def test_what_peft_lora_cannot_express_is_refused_in_one_line(base, tmp_path):
   with pytest.raises(peft_io.AdapterError, match="embed_tokens/embedding"):
     peft_io.save_peft(str(tmp_path / "emb"), embedding, rank=2, alpha=4.0)
   assert not os.path.exists(tmp_path / "emb")
+
+
+def test_a_peft_folder_merges_into_the_base_for_a_selective_run(base, tmp_path):
+  from bfpo_jax import build, sharding
+  from configs import tiny
+
+  model = peft.get_peft_model(
+      transformers.MistralForCausalLM.from_pretrained(base),
+      peft.LoraConfig(r=2, lora_alpha=4, target_modules=["down_proj"],
+                      init_lora_weights=False))
+  model.save_pretrained(str(tmp_path / "adapter"))
+  config = tiny.get_config()
+  config.trainable.mode = "selective"
+  config.init_from = str(tmp_path / "adapter")  # its base: the folder it names
+  build.check_model_source(config)
+  assert build.model_source(config) == base
+  cfg, params = build.load_model(config, sharding.make_mesh(1, -1, 1))
+  np.testing.assert_allclose(apply(cfg, params, jnp.asarray(IDS.numpy())),
+                             _torch_logits(model), atol=1e-4)
+  assert build.initial_lora(config, cfg) is None
