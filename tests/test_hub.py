@@ -130,3 +130,14 @@ def test_no_network_and_no_cache_is_one_line_in_the_cli(tmp_path):
   assert last.startswith("error: model.hf_path: nobody/nothing: no such local "
                          "folder; as a Hub id it is not in the local Hugging "
                          "Face cache and the Hub cannot be reached"), last
+
+
+def test_the_data_cli_says_the_same_in_one_line(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "bfpo_jax.data", "--tokenizer=nobody/nothing",
+       "--source=pku_saferlhf:bfpo_jax/data/tiny/pku_saferlhf.jsonl"],
+      cwd=ROOT, env=_offline_env(tmp_path), capture_output=True, text=True,
+      timeout=300)
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+  assert proc.stderr.strip().startswith("error: nobody/nothing: no such local "
+                                        "folder")
