@@ -95,12 +95,16 @@ def test_two_processes_match_one_and_resume_across_layouts(tmp_path):
   assert "devices: 8 x cpu (2 process(es))" in proc.stderr + proc.stdout
   got = _losses(two)
   assert sorted(got) == list(range(1, 7))
+  # rtol 1e-4: gloo sums the gradient in another order than one process
+  # does, and Adam at the tiny config's lr 1e-3 carries the float32 rounding
+  # into later losses (2.6e-5 seen at step 5; step 1 agrees to 1e-7).
   np.testing.assert_allclose([got[k] for k in range(1, 7)],
-                             [expected[k] for k in range(1, 7)], rtol=1e-5)
+                             [expected[k] for k in range(1, 7)], rtol=1e-4)
+  np.testing.assert_allclose(got[1], expected[1], rtol=1e-6)
   evals, expected_evals = _losses(two, "eval/loss"), _losses(one, "eval/loss")
   assert sorted(evals) == sorted(expected_evals) == [3, 6]
   np.testing.assert_allclose([evals[k] for k in (3, 6)],
-                             [expected_evals[k] for k in (3, 6)], rtol=1e-5)
+                             [expected_evals[k] for k in (3, 6)], rtol=1e-4)
   assert os.path.isfile(os.path.join(two, "hf_export", "model.safetensors"))
 
   # Drop the final checkpoint: the next run resumes from the 2-process
@@ -111,7 +115,7 @@ def test_two_processes_match_one_and_resume_across_layouts(tmp_path):
   assert "resumed from checkpoint at step 3" in resumed.stderr + resumed.stdout
   again = _losses(two)
   np.testing.assert_allclose([again[k] for k in range(4, 7)],
-                             [expected[k] for k in range(4, 7)], rtol=1e-5)
+                             [expected[k] for k in range(4, 7)], rtol=1e-4)
 
 
 def test_wrong_process_count_fails_fast_with_a_message(tmp_path):

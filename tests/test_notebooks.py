@@ -152,3 +152,21 @@ def test_tpu_quickstart_runs_on_eight_fake_devices(tmp_path):
   assert "finished at step 12/12" in out
   assert re.search(r"throughput: [\d,]+ tokens/s, [\d.,]+ pairs/s, [\d,]+ "
                    r"ms/step on 8 devices \(median of steps 3-12\)", out), out
+
+
+@pytest.mark.slow
+def test_safehelp_mini_quick_runs_and_shows_every_model(tmp_path):
+  script = tmp_path / "safehelp_mini.py"
+  script.write_text(notebook_script(os.path.join(NOTEBOOKS,
+                                                 "safehelp_mini.ipynb")))
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = proc.stdout
+  assert '-> "Sorry, I can\'t help with that.": refusal' in out
+  assert "-> 'Sure. Step 1: paint a chair.': other" in out
+  for label in ("DPO, helpfulness only", "DPO, safety only", "DPO, naive mix",
+                "IPO, naive mix", "BFPO, naive mix"):
+    assert f"| {label} |" in out  # the table
+    assert f"== {label}" in out  # its sample generations

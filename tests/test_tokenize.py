@@ -254,3 +254,18 @@ def test_a_boundary_that_merges_takes_trls_side(tok):
   # Different prompt tokens for the two responses: skipped and counted.
   with pytest.raises(Exception, match="prompt_merges_with_response"):
     merging.encode_pair([{"role": "user", "content": "x"}], "A", "B")
+
+
+@pytest.mark.parametrize("template", ["reference", "generation"])
+def test_generation_prompt_is_the_trained_prefix(tok, hub_tok, template):
+  chat = ChatTokenizer(tok, template)
+  record = RECORDS[2]
+  prompt, chosen, _ = chat.encode_pair(record["prompt"], record["chosen"],
+                                       record["rejected"])
+  got = chat.encode_prompt(record["prompt"])
+  assert got[:len(prompt)] == prompt
+  assert (prompt + chosen)[:len(got)] == got
+  if template == "generation":  # the reference tokenizes turn by turn (trl)
+    text = hub_tok.apply_chat_template(record["prompt"], tokenize=False,
+                                       add_generation_prompt=True)
+    assert got == [1] + hub_tok(text, add_special_tokens=False).input_ids

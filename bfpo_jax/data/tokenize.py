@@ -135,16 +135,27 @@ class ChatTokenizer:
     token into the response differently for each).
     """
     prompt, _ = self.encode_turns(prompt_messages)
-    if self.template == "reference":
-      head_text, header = "\n", "<|assistant|>\n"
-      suffix = [self.eos_id] + self.encode("\n") + [self.eos_id]
-    else:
-      head_text, header, suffix = "\n<|assistant|>\n", "", [self.eos_id]
+    head_text, header, suffix = self._response_frame()
     head_c, body_c = self.split(head_text, header + chosen)
     head_r, body_r = self.split(head_text, header + rejected)
     if head_c != head_r:
       raise Skip("prompt_merges_with_response")
     return prompt + head_c, body_c + suffix, body_r + suffix
+
+  def _response_frame(self):
+    """``(text before the response, its header, ids after it)``."""
+    if self.template == "reference":
+      return "\n", "<|assistant|>\n", [self.eos_id] + self.encode("\n") + [
+          self.eos_id]
+    return "\n<|assistant|>\n", "", [self.eos_id]
+
+  def encode_prompt(self, messages):
+    """What a model trained on :meth:`encode_pair` sees before it writes a
+    response: the pair's prompt and, in the reference template, the
+    ``<|assistant|>\\n`` header the reference trains as part of the response.
+    """
+    prompt, response, _ = self.encode_pair(messages, "", "")
+    return prompt + response[:len(response) - len(self._response_frame()[2])]
 
   def encode_sft(self, messages):
     """A whole conversation: ``(ids, assistant_mask)``."""

@@ -1,0 +1,1 @@
+"""Experiments built on the bfpo_jax pipeline (SafeHelp-mini)."""
