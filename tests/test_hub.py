@@ -60,7 +60,7 @@ import numpy as np
 
 from bfpo_jax import build, hub, sharding
 from bfpo_jax.config import validate
-from bfpo_jax.evaluate import loading
+from bfpo_jax.evaluate import judges, loading
 from bfpo_jax.model import load_hf, load_tokenizer
 from configs import tiny
 
@@ -92,7 +92,13 @@ validate(config, 1)
 build.check_model_source(config)
 assert same(build.load_model(config, mesh)[1], want)
 assert build.tokenizer_for(config).name_or_path.endswith(commit)
+judge = judges.make_judge("tester/tiny-mistral")  # the evaluator's judge
+assert judge.path.endswith(commit) and judge.name == "classifier:tester/tiny-mistral"
 assert patterns and all(p == list(hub.ALLOW_PATTERNS) for p in patterns)
+try:
+  judges.make_judge("nobody/nothing")
+except ValueError as e:
+  print("judge error:", e)
 try:
   hub.resolve_model("nobody/nothing")
 except hub.HubError as e:
@@ -113,9 +119,10 @@ def test_hub_ids_load_from_the_cache_offline_everywhere(tmp_path):
                         cwd=ROOT, env=_offline_env(tmp_path),
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  line = proc.stdout.strip().splitlines()[-1]
+  judge_line, line = proc.stdout.strip().splitlines()[-2:]
   assert line.startswith("error: nobody/nothing: no such local folder; as a "
                          "Hub id it is not in the local Hugging Face cache")
+  assert judge_line == f"judge error: --judge {line[len('error: '):]}"
 
 
 def test_no_network_and_no_cache_is_one_line_in_the_cli(tmp_path):
