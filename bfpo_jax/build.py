@@ -12,91 +12,40 @@ import math
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from bfpo_jax import sharding
-from bfpo_jax.config import ConfigError, data_parallel_size, pack_length
+from bfpo_jax.config import (
+  ConfigError,
+  data_parallel_size,
+  loss_setting,
+  pack_length,
+)
 from bfpo_jax.data import packing, pipeline
 from bfpo_jax.data.sources import SourceSpec
-from bfpo_jax.model import hf_io
-from bfpo_jax.model.config import MistralConfig
-from bfpo_jax.model.hf_io import load_config, load_hf
-from bfpo_jax.model.mistral import init_params
-from bfpo_jax.model.tokenizer import load_tokenizer
+from bfpo_jax.model_source import (  # noqa: F401 -- build's public names
+  EXPORT_DIR,
+  PEFT_DIR,
+  check_model_source,
+  initial_lora,
+  load_model,
+  model_folder,
+  model_source,
+  peft_adapter,
+  tokenizer_for,
+  with_peft_settings,
+)
 from bfpo_jax.optimizer import make_optimizer
 from bfpo_jax.train_step import StepConfig, pair_logps
-
-EXPORT_DIR = "hf_export"
-
-
-def model_source(config) -> str:
-  """The HF folder to start from ("" = random init): init_from wins."""
-  source = config.init_from or config.model.hf_path
-  if source and os.path.isdir(os.path.join(source, EXPORT_DIR)):
-    return os.path.join(source, EXPORT_DIR)  # an earlier run's workdir
-  return source
-
-
-def check_model_source(config) -> None:
-  """Refuses, in one line and before anything loads, a model source that
-  cannot load: a run workdir without an export, a folder without
-  ``config.json``, or one with only PyTorch pickle weights."""
-  given = config.init_from or config.model.hf_path
-  if not given:
-    return
-  field = "init_from" if config.init_from else "model.hf_path"
-  source = model_source(config)
-  checkpoints = os.path.join(given, "checkpoints")
-  if source == given and os.path.isdir(checkpoints) and any(
-      name.isdigit() for name in os.listdir(checkpoints)):
-    raise ConfigError(
-        f"{field}: {given} is a run workdir with checkpoints but no "
-        f"{EXPORT_DIR}/; export its latest checkpoint first: python -m "
-        f"bfpo_jax.train --export_only --workdir {given}")
-  try:
-    hf_io.check_folder(source)
-  except (FileNotFoundError, hf_io.ModelFolderError) as e:
-    raise ConfigError(f"{field}: {e}") from None
-
-
-def load_model(config, mesh):
-  """``(model_cfg, params)`` with params placed on their shardings."""
-  param_dtype = jnp.dtype(config.model.param_dtype)
-  run = dict(dtype=jnp.dtype(config.model.dtype), remat=config.model.remat,
-             remat_policy=config.model.remat_policy,
-             attention_impl=config.model.attention_impl)
-  source = model_source(config)
-  if source:
-    cfg = load_config(source, param_dtype=param_dtype, **run)
-  else:
-    cfg = getattr(MistralConfig, config.model.preset)(param_dtype=param_dtype,
-                                                      **run)
-  shardings = sharding.named(mesh, sharding.param_specs(cfg, dict(mesh.shape)))
-  if source:
-    try:
-      _, params = load_hf(source, dtype=param_dtype, shardings=shardings)
-    except hf_io.ModelFolderError as e:
-      raise ConfigError(str(e)) from None
-  else:
-    init = jax.jit(init_params, static_argnums=0, out_shardings=shardings)
-    params = init(cfg, jax.random.key(config.seed))
-  return cfg, params
-
-
-def tokenizer_for(config):
-  source = model_source(config)
-  name = config.tokenizer or (source if source and os.path.isfile(
-      os.path.join(source, "tokenizer_config.json")) else "mistral")
-  return load_tokenizer(name)
 
 
 def step_config(config) -> StepConfig:
   t = config.trainable
   return StepConfig(
-      stage=config.stage, beta=config.loss.beta, alpha=config.loss.alpha,
-      b1=config.loss.b1, label_smoothing=config.loss.label_smoothing,
-      average_logps=config.loss.average_logps,
+      stage=config.stage, beta=loss_setting(config, "beta"),
+      alpha=config.loss.alpha, b1=config.loss.b1,
+      label_smoothing=config.loss.label_smoothing,
+      average_logps=loss_setting(config, "average_logps"),
       chunk_size=config.loss.chunk_size,
       accumulation_steps=config.batch.accumulation,
       buffer_weight=config.data.buffer_weight,
@@ -318,8 +267,9 @@ def attach_reference_logps(config, model_cfg, step_cfg, params, examples,
   if examples.buffer_task == "preference":
     pairs += [e for source in examples.buffer for e in source]
   key = json.dumps({"model": model_source(config) or config.model.preset,
+                    "init_from": config.init_from,
                     "seed": config.seed, "data": config.data.to_dict(),
-                    "average_logps": config.loss.average_logps,
+                    "average_logps": loss_setting(config, "average_logps"),
                     "dtype": config.model.dtype, "pairs": len(pairs)},
                    sort_keys=True)
   cached, from_cache = None, False

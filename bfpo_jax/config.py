@@ -7,6 +7,7 @@ are the public interface of the training CLI.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 
@@ -16,11 +17,20 @@ from bfpo_jax.data.packing import LAYOUTS
 from bfpo_jax.data.pipeline import DEFAULT_BUCKETS, PACK_MODES
 from bfpo_jax.data.sources import TASKS, DataError, SourceSpec
 from bfpo_jax.data.tokenize import SFT_LOSSES, TEMPLATES, TRUNCATIONS
+from bfpo_jax.hub import is_hub_id
 from bfpo_jax.model.config import REMAT_POLICIES
 from bfpo_jax.train_step import STAGES
 from bfpo_jax.trainable import MODES
 
 DTYPES = ("float32", "bfloat16", "float16")
+
+METHOD_DEFAULTS = {
+    "bfpo": {"beta": 0.01, "average_logps": False},  # the paper and its code
+    "dpo": {"beta": 0.1, "average_logps": False},  # TRL's DPOConfig
+    "ipo": {"beta": 0.1, "average_logps": True},  # the IPO paper, TRL
+    "sft": {"beta": 0.01, "average_logps": False},  # unused by the loss
+}
+"""Per stage, the value of each ``loss`` field left unset (None)."""
 
 
 class ConfigError(ValueError):
@@ -33,7 +43,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.model = ml_collections.ConfigDict()
-  c.model.hf_path = ""  # Hugging Face folder; "" = random init of `preset`
+  c.model.hf_path = ""  # HF folder or Hub id (owner/name[@revision]); "" =
+  # random init of `preset`
   c.model.preset = "tiny"  # random-init architecture: tiny | mistral_7b
   c.model.dtype = "float32"  # compute dtype (bfloat16 on accelerators)
   c.model.param_dtype = "float32"  # storage dtype of frozen weights
@@ -41,8 +52,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.remat_policy = "full"  # full: keep block inputs only; dots: also
   # the weight matmuls' outputs (more memory, almost no recompute)
   c.model.attention_impl = "xla"  # xla | cudnn
-  c.init_from = ""  # an earlier run's workdir or HF export (SFT -> BFPO)
-  c.tokenizer = ""  # tokenizer folder; "" = the model's, "mistral" = bundled
+  c.init_from = ""  # an earlier run's workdir, an HF folder or Hub id, or a
+  # PEFT LoRA adapter folder (its base: model.hf_path, else the adapter's own)
+  c.tokenizer = ""  # tokenizer folder or Hub id; "" = the model's, "mistral" =
+  # the bundled Mistral-7B-v0.1 one
 
   c.trainable = ml_collections.ConfigDict()
   c.trainable.mode = "selective"  # full | selective | lora
@@ -101,11 +114,14 @@ def default_config() -> ml_collections.ConfigDict:
   c.max_steps = 0  # > 0 overrides num_epochs
 
   c.loss = ml_collections.ConfigDict()
-  c.loss.beta = 0.01  # tau in the paper
+  # Unset (None): the stage's default (METHOD_DEFAULTS): beta 0.01 for BFPO,
+  # 0.1 for DPO and IPO as in TRL; IPO averages log-probs over response tokens
+  c.loss.beta = ml_collections.config_dict.placeholder(float)  # tau in the paper
   c.loss.alpha = 0.5
   c.loss.b1 = 3.0
   c.loss.label_smoothing = 0.0  # dpo
-  c.loss.average_logps = False  # sum over response tokens, as the paper
+  c.loss.average_logps = ml_collections.config_dict.placeholder(bool)  # False:
+  # sum over response tokens, as the BFPO paper
   c.loss.precompute_reference = False  # reference log-probs once, up front
   c.loss.chunk_size = 256  # tokens per log-prob chunk (prompt/pad chunks skipped)
 
@@ -119,8 +135,43 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval_every_steps = 200  # 0 = only at the end
   c.log_every_steps = 1
   c.max_consecutive_nonfinite = 5
-  c.export_hf = True  # write workdir/hf_export at the end (LoRA merged)
+  c.export_hf = True  # write workdir/hf_export at the end (LoRA merged) with a
+  # model card; LoRA runs also write their adapters as a PEFT folder
+  c.export_license = ""  # the model card's license id; "" = the base model's
+  # (from its model card, when its folder has one), else "unknown"
+
+  c.logging = ml_collections.ConfigDict()
+  c.logging.wandb = False  # also log metrics.jsonl's scalars to Weights &
+  # Biases (pip install 'bfpo-jax[wandb]'); WANDB_MODE=offline works
+  c.logging.wandb_project = "bfpo-jax"
+  c.logging.wandb_entity = ""  # "" = your default entity
+  c.logging.wandb_run_name = ""  # "" = the workdir's name
   return c
+
+
+def loss_setting(config, name: str):
+  """``config.loss[name]``, or the stage's default (:data:`METHOD_DEFAULTS`)
+  when it is unset."""
+  value = config.loss[name]
+  if value is None:
+    return METHOD_DEFAULTS.get(config.stage, METHOD_DEFAULTS["bfpo"])[name]
+  return value
+
+
+def describe_loss(config) -> str:
+  """The loss a run optimises, with its effective settings, in one line:
+  ``bfpo, beta 0.01, alpha 0.5, b1 3; log-probs summed over response tokens``.
+  """
+  if config.stage == "sft":
+    return "sft, token negative log-likelihood"
+  parts = [f"beta {loss_setting(config, 'beta'):g}"]
+  if config.stage == "bfpo":
+    parts += [f"alpha {config.loss.alpha:g}", f"b1 {config.loss.b1:g}"]
+  if config.stage == "dpo":
+    parts.append(f"label_smoothing {config.loss.label_smoothing:g}")
+  how = "averaged" if loss_setting(config, "average_logps") else "summed"
+  return (f"{config.stage}, {', '.join(parts)}; log-probs {how} over response "
+          "tokens")
 
 
 def data_parallel_size(config, num_devices) -> int:
@@ -146,9 +197,10 @@ def validate(config, num_devices: int) -> None:
       raise ConfigError(f"model.{field}: {config.model[field]!r} is not one of "
                         f"{DTYPES}")
   source = config.init_from or config.model.hf_path
-  if source and not os.path.isdir(source):
+  if source and not os.path.isdir(source) and not is_hub_id(source):
     field = "init_from" if config.init_from else "model.hf_path"
-    raise ConfigError(f"{field}: model folder {source!r} does not exist")
+    raise ConfigError(f"{field}: model folder {source!r} does not exist (nor "
+                      "is it a Hub id owner/name[@revision])")
   if not source and config.model.preset not in ("tiny", "mistral_7b"):
     raise ConfigError(f"model.preset: {config.model.preset!r} is not tiny or "
                       "mistral_7b")
@@ -169,8 +221,9 @@ def validate(config, num_devices: int) -> None:
     raise ConfigError(f"data.buckets: the largest ({max(config.data.buckets)}) "
                       f"must cover data.max_length ({config.data.max_length})")
   loss = config.loss
-  if not loss.beta > 0:
-    raise ConfigError(f"loss.beta: {loss.beta} must be positive (the margin "
+  beta = loss_setting(config, "beta")
+  if not beta > 0:
+    raise ConfigError(f"loss.beta: {beta} must be positive (the margin "
                       "is scaled by 1/beta)")
   if config.stage == "bfpo" and not (math.isfinite(loss.b1) and loss.b1 != 1):
     raise ConfigError(f"loss.b1: {loss.b1} makes b3 = 1/(b1 - 1) undefined "
@@ -186,6 +239,9 @@ def validate(config, num_devices: int) -> None:
   if config.loss.precompute_reference and config.stage == "sft":
     raise ConfigError("loss.precompute_reference: the sft stage has no "
                       "reference policy")
+  if config.logging.wandb and importlib.util.find_spec("wandb") is None:
+    raise ConfigError("logging.wandb: the wandb package is not installed; "
+                      "pip install 'bfpo-jax[wandb]' (or pip install wandb)")
 
 
 def _validate_data(config) -> None:

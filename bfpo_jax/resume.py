@@ -13,7 +13,7 @@ import hashlib
 import jax
 
 from bfpo_jax import build
-from bfpo_jax.config import ConfigError
+from bfpo_jax.config import ConfigError, loss_setting
 
 
 def resume_fingerprint(config) -> dict:
@@ -33,7 +33,7 @@ def fingerprint(config, state) -> dict:
 def resume_settings(config) -> dict:
   """Optimisation settings a resumed run may change (it warns and records)."""
   c = config
-  return {"loss.beta": c.loss.beta, "loss.alpha": c.loss.alpha,
+  return {"loss.beta": loss_setting(c, "beta"), "loss.alpha": c.loss.alpha,
           "loss.b1": c.loss.b1, "loss.label_smoothing": c.loss.label_smoothing,
           "optimizer.learning_rate": c.optimizer.learning_rate,
           "optimizer.schedule": c.optimizer.schedule,

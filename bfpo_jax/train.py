@@ -32,7 +32,15 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from bfpo_jax import build, distributed, resume, sharding, trainable
+from bfpo_jax import (
+  build,
+  distributed,
+  model_card,
+  peft_io,
+  resume,
+  sharding,
+  trainable,
+)
 from bfpo_jax import train_step as ts
 from bfpo_jax.checkpoint import (
   Checkpointer,
@@ -40,12 +48,19 @@ from bfpo_jax.checkpoint import (
   SaveError,
   quiet_orbax_tracebacks,
 )
-from bfpo_jax.config import ConfigError, default_config, pack_length, validate
+from bfpo_jax.config import (
+  ConfigError,
+  default_config,
+  describe_loss,
+  loss_setting,
+  pack_length,
+  validate,
+)
 from bfpo_jax.data.sources import DataError
 from bfpo_jax.data.tokenize import CHAT_TEMPLATE
 from bfpo_jax.model.hf_io import save_hf
 from bfpo_jax.resume import resume_fingerprint  # noqa: F401 -- public name
-from bfpo_jax.workdir import Logger, WorkdirError, hold, record_changes
+from bfpo_jax.workdir import Logger, WorkdirError, hold, record_changes, start_wandb
 
 config_flags.DEFINE_config_file("config", None, "Python config file with "
                                 "get_config().", lock_config=True)
@@ -85,6 +100,7 @@ def _summary(config, mesh, model_cfg, state, data, steps, memory):
           + (f" + {v['eval']} held out" if v["role"] == "train" else "")
           + f" ({sum(v['rows_skipped'].values())} skipped)"
           for k, v in data.report.items()),
+      f"loss: {describe_loss(config)}",
       f"steps: {steps} ({data.steps_per_epoch} per epoch), global batch "
       f"{config.batch.global_size} = {config.batch.per_device} per device x "
       f"{config.batch.accumulation} microbatches",
@@ -109,16 +125,51 @@ def evaluate(eval_fn, state, data, mesh):
   return metrics
 
 
-def export(config, model_cfg, state, step_cfg, tokenizer, workdir):
-  """Writes workdir/hf_export: weights, and the tokenizer with the Zephyr
-  chat template the model was trained on (for apply_chat_template, vLLM and
-  the lm-evaluation-harness's chat mode)."""
+def _read_json(path):
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def export(config, model_cfg, state, step_cfg, tokenizer, workdir,
+           summary=None, notes=None):
+  """Writes workdir/hf_export: weights (LoRA merged), the tokenizer with the
+  Zephyr chat template the model was trained on (for apply_chat_template,
+  vLLM and the lm-evaluation-harness's chat mode) and a model card; a LoRA
+  run also writes its adapters as a PEFT folder, workdir/peft_adapter.
+
+  Args:
+    summary: the run's summary for the model card (default: summary.json).
+    notes: a list that gets a line for anything not exported, and why.
+
+  Returns:
+    The hf_export folder.
+  """
   out = os.path.join(workdir, build.EXPORT_DIR)
   params = ts.policy_params(state, step_cfg)
   save_hf(out, model_cfg, params, dtype=jnp.dtype(config.model.param_dtype))
+  source = build.model_source(config)
+  card = dict(source=source, source_folder=build.model_folder(config),
+              summary=summary or _read_json(os.path.join(workdir,
+                                                         "summary.json")),
+              report=_read_json(os.path.join(workdir, "data_report.json")))
+  if config.trainable.mode == "lora":
+    folder = os.path.join(workdir, build.PEFT_DIR)
+    try:
+      peft_io.save_peft(folder, state.trainable,
+                        rank=config.trainable.lora_rank,
+                        alpha=config.trainable.lora_alpha,
+                        base_model=source)
+      if jax.process_index() == 0:
+        model_card.write(folder, config, library="peft", **card)
+    except peft_io.AdapterError as e:
+      if notes is not None:
+        notes.append(f"no PEFT export: {e}")
   if jax.process_index() == 0:
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(out)
+    model_card.write(out, config, **card)
   return out
 
 
@@ -151,9 +202,10 @@ def _train(config, workdir: str) -> dict:
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp,
                             config.mesh.tensor)
   build.check_model_source(config)
+  config, notes = build.with_peft_settings(config)
   tokenizer = build.tokenizer_for(config)
   examples = build.load_examples(config, tokenizer)
-  notes = _empty_sources(config, examples.report)
+  notes += _empty_sources(config, examples.report)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "data_report.json"), "w") as f:
       json.dump(examples.report, f, indent=2)
@@ -166,18 +218,23 @@ def _train(config, workdir: str) -> dict:
   steps = build.total_steps(config, examples)
   optimizer = build.optimizer_for(config, steps)
   step_cfg = build.step_config(config)
+  lora = build.initial_lora(config, model_cfg)
   if step_cfg.precomputed_reference:
+    reference = params if lora is None else jax.jit(
+        trainable.lora_merge, static_argnums=2)(params, lora,
+                                                step_cfg.lora_scale)
     from_cache = build.attach_reference_logps(
-        config, model_cfg, step_cfg, params, examples, mesh,
+        config, model_cfg, step_cfg, reference, examples, mesh,
         os.path.join(workdir, "reference_logps.npz"))
+    del reference
     notes.append("reference log-probs: "
                  + ("from cache" if from_cache else "precomputed"))
   data = build.make_data(config, examples, jax.device_count())
   state, shardings = ts.create_state(
       params, optimizer, step_cfg, model_cfg, pattern=config.trainable.pattern or None,
       lora_rank=config.trainable.lora_rank, rng=jax.random.key(config.seed),
-      mesh=mesh)
-  del params
+      mesh=mesh, lora=lora)
+  del params, lora
 
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
                       every_steps=config.checkpoint_every_steps,
@@ -219,12 +276,20 @@ def _train(config, workdir: str) -> dict:
       remat_policy=config.model.remat_policy,
       layout="padded" if config.stage == "sft" else config.data.preference_layout,
       pack_length=pack_length(config))
-  log = Logger(workdir, config.stage, steps, start, resumed)
+  wandb_run = start_wandb(config, workdir, {
+      "effective/loss.beta": loss_setting(config, "beta"),
+      "effective/loss.average_logps": loss_setting(config, "average_logps")})
+  if wandb_run is not None:
+    notes.append(f"wandb: run {wandb_run.name} (" + (
+        f"offline, in {wandb_run.dir}" if wandb_run.offline else wandb_run.url)
+        + ")")
+  log = Logger(workdir, config.stage, steps, start, resumed, wandb_run)
   log.info(_summary(config, mesh, model_cfg, state, data, steps, memory))
   for note in notes:
     log.info(note)
   if resumed is not None:
     log.info(f"resumed from checkpoint at step {resumed}")
+  log.start_progress()
 
   stop = {"signal": None}
 
@@ -315,6 +380,7 @@ def _train(config, workdir: str) -> dict:
       signal.signal(s, handler)
 
   ckpt.close()
+  log.stop_progress()
   final_step = int(jax.device_get(state.step))
   summary = {"status": status, "step": final_step, "steps": steps,
              "nonfinite_steps": counters["nonfinite_total"]}
@@ -323,8 +389,11 @@ def _train(config, workdir: str) -> dict:
       last_eval = evaluate(eval_fn, state, data, mesh)
     summary["eval"] = {k: float(v) for k, v in last_eval.items()}
     if config.export_hf:
-      summary["export"] = export(config, model_cfg, state, step_cfg, tokenizer,
-                                 workdir)
+      export_notes = []
+      summary["export"] = export(config, model_cfg, state, step_cfg,
+                                 tokenizer, workdir, summary, export_notes)
+      for note in export_notes:
+        log.info(note)
   log.info(f"{status} at step {final_step}/{steps}; workdir {workdir}")
   log.close()
   if jax.process_index() == 0:
@@ -341,6 +410,7 @@ def export_only(config, workdir: str) -> str:
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp,
                               config.mesh.tensor)
     build.check_model_source(config)
+    config, notes = build.with_peft_settings(config)
     tokenizer = build.tokenizer_for(config)
     model_cfg, params = build.load_model(config, mesh)
     step_cfg = build.step_config(config)
@@ -350,7 +420,7 @@ def export_only(config, workdir: str) -> str:
         params, optimizer, step_cfg, model_cfg,
         pattern=config.trainable.pattern or None,
         lora_rank=config.trainable.lora_rank, rng=jax.random.key(config.seed),
-        mesh=mesh)
+        mesh=mesh, lora=build.initial_lora(config, model_cfg))
     del params
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=0,
                         keep=config.keep_checkpoints)
@@ -358,8 +428,10 @@ def export_only(config, workdir: str) -> str:
         resume.check_same_run, resume.fingerprint(config, state), workdir))
     if restored is None:
       raise ConfigError(f"{workdir}: no checkpoints to export")
-    state, _, notes = restored
-    out = export(config, model_cfg, state, step_cfg, tokenizer, workdir)
+    state, _, skipped = restored
+    notes += skipped
+    out = export(config, model_cfg, state, step_cfg, tokenizer, workdir,
+                 notes=notes)
     if jax.process_index() == 0:
       for note in notes:
         print(note)
@@ -374,7 +446,13 @@ def _saved_config(workdir):
   if not os.path.isfile(path):
     raise ConfigError(f"--config is required ({path} does not exist)")
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    saved = json.load(f)
+
+  def merged(default, given):  # fields added since the run take defaults
+    return {k: merged(v, given.get(k, {})) if isinstance(v, dict)
+            else given.get(k, v) for k, v in default.items()}
+
+  return ml_collections.ConfigDict(merged(default_config().to_dict(), saved))
 
 
 def main(argv):

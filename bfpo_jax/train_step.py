@@ -81,21 +81,28 @@ class TrainState(NamedTuple):
   step: jax.Array
   trainable: Any  # float32 masters of the trainable leaves / LoRA adapters
   frozen: Any  # the other leaves (all leaves under LoRA)
-  reference: Any  # initial trainable leaves; None under LoRA
+  reference: Any  # initial trainable leaves; under LoRA the adapters a run
+  # started from (e.g. a PEFT folder), else None: the base is the reference
   opt_state: Any
 
 
 def init_state(params, mask, optimizer, step_cfg: StepConfig, *, lora_rank=16,
-               rng=None) -> TrainState:
+               rng=None, lora=None) -> TrainState:
   """Training state from params and a trainable mask (pure; jit it sharded).
 
   The reference copy of trainable leaves keeps the params' dtype: the model
   casts kernels to the compute dtype anyway, so it costs half a float32 copy.
+  ``lora``: LoRA adapters to start from (shaped as ``init_lora``'s) instead
+  of fresh ones; the policy they give is then also the reference.
   """
   if step_cfg.mode == "lora":
-    trainable = init_lora(params, mask, lora_rank,
-                          jax.random.key(0) if rng is None else rng)
     frozen, reference = params, None
+    if lora is None:
+      trainable = init_lora(params, mask, lora_rank,
+                            jax.random.key(0) if rng is None else rng)
+    else:
+      trainable = jax.tree.map(lambda x: x.astype(jnp.float32), lora)
+      reference = None if step_cfg.precomputed_reference else trainable
   else:
     trainable, frozen = split(params, mask)
     # With precomputed reference log-probs no reference copy is needed.
@@ -113,7 +120,9 @@ def policy_params(state: TrainState, step_cfg: StepConfig):
 
 def reference_params(state: TrainState, step_cfg: StepConfig):
   if step_cfg.mode == "lora":
-    return state.frozen
+    if state.reference is None:
+      return state.frozen
+    return lora_merge(state.frozen, state.reference, step_cfg.lora_scale)
   return combine(state.reference, state.frozen)
 
 
@@ -447,16 +456,21 @@ def state_shardings(mesh, model_cfg, abstract_state: TrainState, optimizer,
   opt = optax.tree_utils.tree_map_params(
       optimizer, lambda _, s: s, abstract_state.opt_state, trainable,
       transform_non_params=lambda _: rep, is_leaf=hole)
+  reference = abstract_state.reference
+  if reference is not None:
+    reference = (sharding.lora_specs(specs, reference)
+                 if step_cfg.mode == "lora" else like(reference))
   spec_state = TrainState(rep, trainable, like(abstract_state.frozen),
-                          None if abstract_state.reference is None
-                          else like(abstract_state.reference), opt)
+                          reference, opt)
   return sharding.named(mesh, spec_state)
 
 
 def create_state(params, optimizer, step_cfg: StepConfig, model_cfg, *,
                  mask=None, pattern=None, lora_rank=16, rng=None, mesh=None,
-                 rules=sharding.DEFAULT_RULES):
+                 rules=sharding.DEFAULT_RULES, lora=None):
   """Builds the TrainState, directly sharded over ``mesh`` when given.
+
+  ``lora``: adapters to start a LoRA run from (see :func:`init_state`).
 
   Returns:
     ``(state, shardings)``; ``shardings`` is None without a mesh.
@@ -465,13 +479,16 @@ def create_state(params, optimizer, step_cfg: StepConfig, model_cfg, *,
   init = functools.partial(init_state, mask=mask, optimizer=optimizer,
                            step_cfg=step_cfg, lora_rank=lora_rank, rng=rng)
   if mesh is None:
-    return jax.jit(init)(params), None
-  shardings = state_shardings(mesh, model_cfg, jax.eval_shape(init, params),
+    return jax.jit(init)(params, lora=lora), None
+  shardings = state_shardings(mesh, model_cfg,
+                              jax.eval_shape(init, params, lora=lora),
                               optimizer, step_cfg, rules)
   param_shardings = sharding.named(mesh, sharding.param_specs(
       model_cfg, dict(mesh.shape), rules))
   params = jax.device_put(params, param_shardings)
-  return jax.jit(init, out_shardings=shardings)(params), shardings
+  if lora is not None:
+    lora = jax.device_put(lora, shardings.trainable)
+  return jax.jit(init, out_shardings=shardings)(params, lora=lora), shardings
 
 
 def build_train_step(model_cfg, step_cfg: StepConfig, optimizer, *, mesh=None,

@@ -25,6 +25,7 @@ from bfpo_jax.model.mistral import match_params
 
 MODES = ("full", "selective", "lora")
 PAPER_SELECTIVE_PATTERN = r"layers/\d+/mlp/down_proj/kernel$"
+DEFAULT_LORA_PATTERN = r"self_attn/[qkvo]_proj/kernel$"
 LORA_KEYS = ("lora_a", "lora_b")
 
 
@@ -46,7 +47,7 @@ def trainable_mask(params, mode: str, pattern: str | None = None):
     return jax.tree.map(lambda _: True, params)
   if pattern is None:
     pattern = (PAPER_SELECTIVE_PATTERN if mode == "selective"
-               else r"self_attn/[qkvo]_proj/kernel$")
+               else DEFAULT_LORA_PATTERN)
   mask = match_params(params, pattern)
   if not any(jax.tree.leaves(mask)):
     raise ValueError(f"trainable pattern {pattern!r} matches no parameter")

@@ -9,6 +9,9 @@
   written before its checkpoint is saved. So after any kill and resume every
   step appears exactly once. Non-finite values are written as ``null``.
 * ``resume_changes.jsonl``: optimisation settings that changed on a resume.
+* ``wandb/`` and ``wandb_run_id`` with ``logging.wandb``: the Weights & Biases
+  run gets the scalars of metrics.jsonl, against ``step``; a resumed run
+  continues the same W&B run (steps redone after a kill appear twice there).
 
 In multi-process runs process 0 holds the lock and writes these files.
 """
@@ -21,6 +24,8 @@ import json
 import math
 import os
 import socket
+import sys
+import uuid
 
 import jax
 
@@ -29,6 +34,7 @@ from bfpo_jax import distributed
 LOCK_FILE = "run.lock"
 METRICS_FILE = "metrics.jsonl"
 CHANGES_FILE = "resume_changes.jsonl"
+WANDB_ID_FILE = "wandb_run_id"
 
 
 class WorkdirError(RuntimeError):
@@ -192,25 +198,62 @@ def record_changes(workdir: str, step: int, changes: dict) -> None:
         "time": datetime.datetime.now().isoformat(timespec="seconds")}) + "\n")
 
 
+def start_wandb(config, workdir: str, extra_config: dict | None = None):
+  """A Weights & Biases run for ``logging.wandb`` (process 0), else None.
+
+  Project, entity and run name come from ``config.logging`` (the name
+  defaults to the workdir's); the run id is kept in the workdir so a resume
+  continues the same run. ``WANDB_MODE=offline`` writes under
+  ``workdir/wandb``. ``extra_config``: more values to record (the effective
+  settings).
+  """
+  if not config.logging.wandb or jax.process_index() != 0:
+    return None
+  import wandb
+
+  id_file = os.path.join(workdir, WANDB_ID_FILE)
+  if os.path.isfile(id_file):
+    with open(id_file) as f:
+      run_id = f.read().strip()
+  else:
+    run_id = uuid.uuid4().hex[:12]
+    with open(id_file, "w") as f:
+      f.write(run_id)
+  logging = config.logging
+  run = wandb.init(
+      project=logging.wandb_project, entity=logging.wandb_entity or None,
+      name=logging.wandb_run_name or os.path.basename(os.path.abspath(workdir)),
+      id=run_id, resume="allow", dir=workdir,
+      config=dict(config.to_dict(), **(extra_config or {})),
+      # Silent: the start-up summary says where the run is, in one line.
+      settings=wandb.Settings(console="off", silent=True))
+  # The run's own step counter cannot go back after a resume; plot against
+  # the training step instead.
+  run.define_metric("step")
+  run.define_metric("*", step_metric="step")
+  return run
+
+
 class Logger:
-  """metrics.jsonl, TensorBoard and the progress bar; process 0 only.
+  """metrics.jsonl, TensorBoard, W&B and the progress bar; process 0 only.
 
   Opening it trims metrics.jsonl to the lines of steps up to
   ``resumed_step`` (0: a fresh start); the dropped lines' steps are redone.
+  The progress bar appears with :meth:`start_progress` (or the first step),
+  so that lines printed before (the start-up summary) stand on their own.
   """
 
-  def __init__(self, workdir, stage, total, start, resumed_step):
+  def __init__(self, workdir, stage, total, start, resumed_step,
+               wandb_run=None):
     self.stage, self.active = stage, jax.process_index() == 0
     self.path = os.path.join(workdir, METRICS_FILE)
+    self.total, self.start, self.bar, self.wandb = total, start, None, wandb_run
     if not self.active:
       return
     notes = trim_metrics(self.path, resumed_step or 0)
     from tensorboardX import SummaryWriter
-    from tqdm import tqdm
 
     self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-    self.bar = tqdm(total=total, initial=start, desc=stage, unit="step",
-                    dynamic_ncols=True)
     for note in notes:
       self.info(note)
 
@@ -227,6 +270,8 @@ class Logger:
     for k, v in record.items():
       if k not in ("step", "stage") and math.isfinite(v):
         self.tb.add_scalar(k, v, step)
+    if self.wandb is not None:
+      self.wandb.log({k: v for k, v in record.items() if k != "stage"})
 
   def sync(self):
     """Flushes metrics.jsonl to disk (before a checkpoint that covers it)."""
@@ -234,17 +279,36 @@ class Logger:
       with open(self.path, "a") as f:
         os.fsync(f.fileno())
 
+  def start_progress(self):
+    """Shows the progress bar; lines printed before stand on their own."""
+    if self.active and self.bar is None:
+      from tqdm import tqdm
+
+      self.bar = tqdm(total=self.total, initial=self.start, desc=self.stage,
+                      unit="step", dynamic_ncols=True)
+
+  def stop_progress(self):
+    """Closes the progress bar; later lines print below its final state."""
+    if self.active and self.bar is not None:
+      self.bar.close()
+      self.bar = None
+
   def progress(self, step, metrics, tokens_per_s):
     if self.active:
+      self.start_progress()
       self.bar.update(step - self.bar.n)
       self.bar.set_postfix(loss=f"{float(metrics['loss']):.4g}",
                            tok_s=f"{tokens_per_s:,.0f}")
 
   def info(self, text):
     if self.active:
-      (self.bar.write if hasattr(self, "bar") else print)(text)
+      # Flushed: the bar (on stderr) must not overtake a line still buffered.
+      (print if self.bar is None else self.bar.write)(text)
+      sys.stdout.flush()
 
   def close(self):
     if self.active:
-      self.bar.close()
+      self.stop_progress()
       self.tb.close()
+      if self.wandb is not None:
+        self.wandb.finish()

@@ -54,7 +54,8 @@ def get_config(stage="bfpo"):
   c.num_epochs = 2 if stage == "sft" else 3
   c.optimizer.learning_rate = 3e-3 if stage == "sft" else 1e-3
   c.optimizer.warmup_ratio = 0.1
-  c.loss.beta = 0.1  # tau; targets of +-10 nats on a model this small
+  if stage == "bfpo":  # dpo/ipo keep their defaults (beta 0.1, as TRL)
+    c.loss.beta = 0.1  # tau; targets of +-10 nats on a model this small
   c.loss.chunk_size = 256
   c.checkpoint_every_steps = 10
   c.eval_every_steps = 10

@@ -55,6 +55,52 @@ def sft_batch(seed, rows=8, length=12):
   return {"input_ids": ids, "attention_mask": attention, "loss_mask": loss}
 
 
+HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def hf_base_folder(path, seed=0, **overrides):
+  """A random tiny MistralForCausalLM saved by transformers (safetensors),
+  with the bundled Mistral-7B tokenizer: a stand-in for a Hub model."""
+  import torch
+  import transformers
+
+  from bfpo_jax.tokenizer import load_tokenizer
+
+  fields = dict(vocab_size=32000, hidden_size=64, intermediate_size=128,
+                num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, tie_word_embeddings=False,
+                sliding_window=None)
+  fields.update(overrides)
+  torch.manual_seed(seed)
+  transformers.MistralForCausalLM(transformers.MistralConfig(**fields)) \
+      .save_pretrained(path)
+  load_tokenizer().save_pretrained(path)
+  return str(path)
+
+
+def fill_hub_cache(cache_dir, repo_id, folder, commit=HUB_COMMIT, ref="main"):
+  """Lays ``folder``'s files out in a Hugging Face Hub cache as what a
+  download of ``repo_id`` at ``commit`` (branch ``ref``) leaves there: blobs,
+  a snapshot of links to them, and the ref. Returns the snapshot folder."""
+  import hashlib
+  import os
+  import shutil
+
+  repo = os.path.join(cache_dir, "models--" + repo_id.replace("/", "--"))
+  snapshot = os.path.join(repo, "snapshots", commit)
+  os.makedirs(os.path.join(repo, "blobs"), exist_ok=True)
+  os.makedirs(os.path.join(repo, "refs"), exist_ok=True)
+  os.makedirs(snapshot, exist_ok=True)
+  for name in os.listdir(folder):
+    with open(os.path.join(folder, name), "rb") as f:
+      blob = os.path.join(repo, "blobs", hashlib.sha256(f.read()).hexdigest())
+    shutil.copyfile(os.path.join(folder, name), blob)
+    os.symlink(os.path.relpath(blob, snapshot), os.path.join(snapshot, name))
+  with open(os.path.join(repo, "refs", ref), "w") as f:
+    f.write(commit)
+  return snapshot
+
+
 def pairs_of(batch):
   """The tokenized pairs (``tokenize_pair``'s layout) of a padded batch."""
   pairs = []

@@ -2,6 +2,9 @@
 
 import json
 import os
+import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,11 +14,12 @@ import torch
 import transformers
 
 from bfpo_jax import model as M
-from bfpo_jax.model import generate as G
-from bfpo_jax.model import hf_io, tokenizer
+from bfpo_jax.model import generate, hf_io, load_tokenizer
 from bfpo_jax.model.config import REMAT_POLICIES
+from bfpo_jax.model.generate import sample_token
 
 VOCAB = 128
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _hf_config(**overrides):
@@ -231,7 +235,7 @@ def test_cached_greedy_equals_uncached_and_transformers(tmp_path, window):
   ids[1, :3], mask[1, :3] = 0, 0  # left padding
   n_new = 8
   # A stop token no row emits, so all three decode the same n_new tokens.
-  cached = np.asarray(G.generate(cfg, params, ids, mask, n_new,
+  cached = np.asarray(generate(cfg, params, ids, mask, n_new,
                                  eos_token_id=VOCAB + 1))
   np.testing.assert_array_equal(cached,
                                 _uncached_greedy(cfg, params, ids, mask, n_new))
@@ -247,10 +251,10 @@ def test_generate_stops_at_eos_and_samples_reproducibly():
   cfg = M.MistralConfig.tiny(vocab_size=VOCAB)
   params = M.init_params(cfg, jax.random.key(1))
   ids = np.random.default_rng(12).integers(3, VOCAB, (3, 5))
-  greedy = np.asarray(G.generate(cfg, params, ids, None, 6,
+  greedy = np.asarray(generate(cfg, params, ids, None, 6,
                                  eos_token_id=VOCAB + 1))
   eos = int(greedy[0, 5])  # the first generated token of row 0
-  stopped = np.asarray(G.generate(cfg, params, ids, None, 6, eos_token_id=eos,
+  stopped = np.asarray(generate(cfg, params, ids, None, 6, eos_token_id=eos,
                                   pad_token_id=0))
   assert stopped[0, 5] == eos and (stopped[0, 6:] == 0).all()
   for row in range(1, 3):  # other rows run on until their own first eos
@@ -259,30 +263,30 @@ def test_generate_stops_at_eos_and_samples_reproducibly():
     np.testing.assert_array_equal(stopped[row, 5:5 + n], greedy[row, 5:5 + n])
     assert (stopped[row, 5 + n:] == 0).all()
   key = jax.random.key(3)
-  a = G.generate(cfg, params, ids, None, 6, temperature=1.0, top_p=0.9,
+  a = generate(cfg, params, ids, None, 6, temperature=1.0, top_p=0.9,
                  rng=key)
-  b = G.generate(cfg, params, ids, None, 6, temperature=1.0, top_p=0.9,
+  b = generate(cfg, params, ids, None, 6, temperature=1.0, top_p=0.9,
                  rng=key)
   np.testing.assert_array_equal(a, b)
   with pytest.raises(ValueError, match="left-padded"):
-    G.generate(cfg, params, ids, np.array([[1, 1, 1, 1, 0]] * 3), 2)
+    generate(cfg, params, ids, np.array([[1, 1, 1, 1, 0]] * 3), 2)
 
 
 def test_top_p_keeps_only_the_nucleus():
   logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
-  draws = jax.vmap(lambda k: G.sample_token(logits, k, 1.0, 0.7))(
+  draws = jax.vmap(lambda k: sample_token(logits, k, 1.0, 0.7))(
       jax.random.split(jax.random.key(0), 400))
   assert set(np.unique(np.asarray(draws))) == {0, 1}
 
 
 def test_bundled_mistral_tokenizer_offline():
-  tok = tokenizer.load_tokenizer()
+  tok = load_tokenizer()
   assert len(tok) == 32000
   assert (tok.bos_token_id, tok.eos_token_id) == (1, 2)
   assert tok.convert_ids_to_tokens(tok("Hello", add_special_tokens=False)
                                    .input_ids) == ["▁Hello"]
   with pytest.raises(FileNotFoundError):
-    tokenizer.load_tokenizer("/nonexistent/folder")
+    load_tokenizer("/nonexistent/folder")
 
 
 @pytest.mark.parametrize("window", [None, 3])
@@ -303,3 +307,41 @@ def test_packed_rows_equal_separate_sequences(window):
   np.testing.assert_array_equal(
       M.mistral.segment_positions(jnp.asarray(segments))[0, :12],
       list(range(5)) + list(range(7)))
+
+
+def test_the_model_package_is_the_one_import_place():
+  import bfpo_jax.model.generate as decoding_module  # noqa: F401
+  from bfpo_jax import model, tokenizer
+  from bfpo_jax.model import generate as generate_function
+  from bfpo_jax.model.generate import generate as old_path
+  from bfpo_jax.model.hf_io import load_hf as old_load_hf
+  from bfpo_jax.model.tokenizer import load_tokenizer as old_tokenizer_path
+
+  assert {"load_hf", "save_hf", "load_tokenizer", "generate"} <= set(
+      model.__all__)
+  assert model.load_tokenizer is tokenizer.load_tokenizer is old_tokenizer_path
+  assert generate_function is old_path and model.load_hf is old_load_hf
+  with open(os.path.join(ROOT, "README.md")) as f:
+    blocks = re.findall(r"```python\n(.*?)```", f.read(), re.DOTALL)
+  imports = [line for block in blocks for line in block.splitlines()
+             if re.match(r"\s*(from|import) bfpo_jax\.model", line)]
+  assert imports, "the README shows how to import the model"
+  for line in imports:
+    assert re.match(r"from bfpo_jax\.model import ", line), line
+    exec(line, {})
+
+
+def test_the_data_package_does_not_import_the_model():
+  code = ("import importlib, json, sys\n"
+          "for m in ('pipeline', 'sources', 'readers', 'tokenize', '__main__'):\n"
+          "  importlib.import_module('bfpo_jax.data.' + m)\n"
+          "from bfpo_jax.tokenizer import load_tokenizer\n"
+          "load_tokenizer()\n"
+          "print(json.dumps(sorted(m for m in sys.modules\n"
+          "                        if m.startswith('bfpo_jax'))))")
+  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  loaded = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert "bfpo_jax.data.pipeline" in loaded
+  assert not [m for m in loaded if m.startswith("bfpo_jax.model")], loaded

@@ -9,8 +9,7 @@ import torch
 import transformers
 
 from bfpo_jax import model as M
-from bfpo_jax.model import generate as G
-from bfpo_jax.model import hf_io
+from bfpo_jax.model import generate, hf_io
 
 VOCAB = 128
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
@@ -107,7 +106,7 @@ def test_cached_greedy_equals_transformers(llama):
   ids = np.random.default_rng(2).integers(3, VOCAB, (2, 6))
   mask = np.ones_like(ids)
   ids[1, :2], mask[1, :2] = 0, 0
-  ours = np.asarray(G.generate(cfg, params, ids, mask, 10,
+  ours = np.asarray(generate(cfg, params, ids, mask, 10,
                                eos_token_id=VOCAB + 1))
   with torch.no_grad():
     theirs = hf_model.generate(

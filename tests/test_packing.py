@@ -18,7 +18,7 @@ from bfpo_jax.data import packing, pipeline
 from bfpo_jax.data.sources import DataError
 from bfpo_jax.model import MistralConfig, init_params
 from bfpo_jax.model.attention import attention_mask, blockwise_attention
-from bfpo_jax.model.tokenizer import load_tokenizer
+from bfpo_jax.tokenizer import load_tokenizer
 from configs import tiny
 from tests import helpers
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bfpo_jax import losses
+from bfpo_jax import build, losses
 from bfpo_jax.config import ConfigError, validate
 from bfpo_jax.data.sources import SourceSpec, load_records
 from bfpo_jax.experiments import judge, report, rollout, safehelp_mini, world
@@ -186,6 +186,7 @@ def test_every_run_config_is_valid_and_reads_the_right_files(files, tmp_path):
     c = safehelp_mini.preference_config(s, name, files, init, seed=1)
     validate(c, 1)
     assert (c.max_steps, c.batch.global_size, c.loss.beta) == (40, 8, 0.01)
+    assert build.step_config(c).average_logps is False  # IPO too: summed
     kinds[name] = (c.stage, [src.split(":")[0] for src in c.data.sources])
   assert kinds == {
       "dpo_helpful": ("dpo", ["ultrafeedback"]),

@@ -23,6 +23,15 @@ FAST = ["--config.max_steps=6", "--config.data.max_length=64",
         "--config.eval_every_steps=3", "--config.checkpoint_every_steps=3"]
 
 
+LOSS_LINES = {
+    "sft": "loss: sft, token negative log-likelihood",
+    "bfpo": "loss: bfpo, beta 0.1, alpha 0.5, b1 3; log-probs summed over "
+            "response tokens",
+    "dpo": "loss: dpo, beta 0.1, label_smoothing 0; log-probs summed over "
+           "response tokens",
+    "ipo": "loss: ipo, beta 0.1; log-probs averaged over response tokens"}
+
+
 def _cli(workdir, *flags, config="configs/tiny.py", env=None, wait=True):
   cmd = [sys.executable, "-m", "bfpo_jax.train", f"--config={config}",
          f"--workdir={workdir}", *flags]
@@ -54,6 +63,9 @@ def test_each_stage_runs_and_writes_what_a_person_sees(tmp_path, stage):
   proc = _cli(workdir, *FAST, config=f"configs/tiny.py:{stage}")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "devices: 1 x cpu" in proc.stderr + proc.stdout
+  # dpo and ipo leave beta unset in configs/tiny.py: TRL's 0.1, and IPO
+  # averages its log-probs.
+  assert LOSS_LINES[stage] in proc.stdout, proc.stdout[:3000]
   records = _metrics(workdir)
   train = [r for r in records if "loss" in r]
   assert [r["step"] for r in train] == list(range(1, 7))

@@ -25,6 +25,7 @@ import sys
 
 from bfpo_jax.data.sources import FILTER_NOTE, KINDS, DataError, SourceSpec
 from bfpo_jax.data.tokenize import SFT_LOSSES, TEMPLATES, TRUNCATIONS, dump_record
+from bfpo_jax.hub import HubError
 
 
 def format_report(report) -> str:
@@ -58,7 +59,8 @@ def main(argv=None) -> int:
                       help=f"KIND:PATH_OR_HUB_NAME[?revision=R&split=S&take=T], "
                       f"KIND in {', '.join(KINDS)}")
   parser.add_argument("--tokenizer", default="mistral",
-                      help="model/tokenizer folder, or 'mistral' (bundled)")
+                      help="model/tokenizer folder, Hub id (owner/name[@rev]) "
+                      "or 'mistral' (bundled)")
   parser.add_argument("--report", help="write the report here as JSON")
   parser.add_argument("--dump", help="write every tokenized example here "
                       "(JSON lines)")
@@ -77,7 +79,7 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
 
   from bfpo_jax.data.pipeline import prepare
-  from bfpo_jax.model.tokenizer import load_tokenizer
+  from bfpo_jax.tokenizer import load_tokenizer
 
   try:
     specs = [SourceSpec.parse(s, task=args.task, split=args.split,
@@ -97,7 +99,7 @@ def main(argv=None) -> int:
           truncation=args.truncation, sft_loss=args.sft_loss)
       report.update(part)
       dumped += [dump_record(e, task) for source in examples for e in source]
-  except (DataError, FileNotFoundError) as e:
+  except (DataError, FileNotFoundError, HubError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(format_report(report))

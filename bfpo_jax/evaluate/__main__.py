@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="--suite output folders to tabulate and plot")
   p.add_argument("--judge",
                  help="harm judge of the generative tasks: a classifier "
-                 "folder (HarmBench's Llama-2-13b) or 'refusal'")
+                 "folder or Hub id (HarmBench's Llama-2-13b) or 'refusal'")
   p.add_argument("--data", nargs="+", action="extend", default=[],
                  metavar="TASK=FILE",
                  help="a local copy of a suite task's data, in its schema")

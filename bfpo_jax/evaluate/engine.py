@@ -29,7 +29,7 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from bfpo_jax import losses, sharding
-from bfpo_jax.model import generate as gen
+from bfpo_jax.model.generate import decode, prefill
 from bfpo_jax.model.mistral import apply_hidden, unembedding
 
 
@@ -84,9 +84,9 @@ class Engine:
     pinned = lambda fn: sharding.with_activation_sharding(fn, mesh)  # noqa: E731
     self._score = jax.jit(pinned(functools.partial(
         _score, cfg=cfg, chunk_size=chunk_size, mesh=mesh)))
-    self._prefill = jax.jit(pinned(functools.partial(gen.prefill, cfg)),
+    self._prefill = jax.jit(pinned(functools.partial(prefill, cfg)),
                             static_argnums=3)
-    self._decode = jax.jit(pinned(functools.partial(gen.decode, cfg)),
+    self._decode = jax.jit(pinned(functools.partial(decode, cfg)),
                            static_argnames="num_steps", donate_argnums=1)
 
   def _rows(self, x):

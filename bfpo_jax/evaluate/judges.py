@@ -50,6 +50,7 @@ import numpy as np
 from bfpo_jax import sharding
 from bfpo_jax.evaluate import batching, loading
 from bfpo_jax.evaluate.engine import _to_host
+from bfpo_jax.hub import HubError, resolve_model
 from bfpo_jax.model.hf_io import check_folder
 from bfpo_jax.model.mistral import apply_hidden, unembedding
 
@@ -141,8 +142,8 @@ class ClassifierJudge:
   """A yes/no harm classifier folder run in JAX.
 
   Args:
-    path: an HF Llama or Mistral folder with safetensors and a tokenizer
-      (HarmBench's classifier: ``cais/HarmBench-Llama-2-13b-cls``).
+    path: an HF Llama or Mistral folder with safetensors and a tokenizer,
+      or its Hub id (HarmBench's classifier: ``cais/HarmBench-Llama-2-13b-cls``).
     dtype: ``auto`` (the folder's), ``float32``, ``bfloat16``, ``float16``.
     batch_size: rows per data-parallel device per batch.
     mesh: where the weights go; default all devices on ``fsdp``.
@@ -155,19 +156,25 @@ class ClassifierJudge:
 
   def __init__(self, path: str, dtype: str = "auto", batch_size: int = 8,
                mesh=None):
-    if not os.path.isdir(path):
-      raise FileNotFoundError(f"--judge {path}: no such folder (give a "
-                              "classifier folder or 'refusal')")
     try:
-      check_folder(path)
+      folder = resolve_model(path)
+    except HubError as e:
+      raise ValueError(f"--judge {e}") from None
+    if not os.path.isdir(folder):
+      raise FileNotFoundError(f"--judge {path}: no such folder (give a "
+                              "classifier folder, Hub id or 'refusal')")
+    try:
+      check_folder(folder)
     except (FileNotFoundError, ValueError) as e:
       raise ValueError(f"--judge {path} is not a classifier model: {e}") from None
-    if not loading.has_tokenizer(path):
+    if not loading.has_tokenizer(folder):
       raise ValueError(f"--judge {path} is not a classifier model: no "
                        "tokenizer files")
-    self.path, self.dtype, self.batch_size = path, dtype, int(batch_size)
+    self.path, self.dtype, self.batch_size = folder, dtype, int(batch_size)
     self.mesh = mesh
-    self.name = f"classifier:{os.path.abspath(path)}"
+    # A Hub id names the classifier in results; a folder by its full path.
+    self.name = "classifier:" + (path if folder != path
+                                 else os.path.abspath(path))
     self._model = None
 
   def _load(self):
@@ -243,7 +250,8 @@ class ClassifierJudge:
 
 
 def make_judge(spec: str, **kwargs):
-  """``refusal`` -> :class:`RefusalJudge`; a folder -> :class:`ClassifierJudge`."""
+  """``refusal`` -> :class:`RefusalJudge`; a folder or Hub id ->
+  :class:`ClassifierJudge`."""
   if spec == "refusal":
     return RefusalJudge()
   return ClassifierJudge(spec, **kwargs)

@@ -23,6 +23,7 @@ import orbax.checkpoint as ocp
 from bfpo_jax import sharding, trainable
 from bfpo_jax.build import EXPORT_DIR
 from bfpo_jax.checkpoint import Checkpointer
+from bfpo_jax.hub import resolve_model
 from bfpo_jax.model.config import MistralConfig
 from bfpo_jax.model.hf_io import load_config, load_hf
 from bfpo_jax.model.mistral import abstract_params, init_params
@@ -92,7 +93,8 @@ def _latest_checkpoint(workdir):
 
 
 def _base_model(base, seed, mesh, dtype):
-  """The model a run started from: an HF folder or a random-init preset."""
+  """The model a run started from: an HF folder, Hub id or random-init preset."""
+  base = resolve_model(base)
   if os.path.isdir(base):
     return _from_folder(base, mesh, dtype)
   if base not in PRESETS:
@@ -161,8 +163,8 @@ def load(pretrained, mesh, *, dtype="auto", tokenizer=None) -> Loaded:
   """Loads ``pretrained`` onto ``mesh``.
 
   Args:
-    pretrained: an HF model folder, a training workdir, or an in-memory
-      ``(MistralConfig, params)`` pair.
+    pretrained: an HF model folder or Hub id (``owner/name[@revision]``), a
+      training workdir, or an in-memory ``(MistralConfig, params)`` pair.
     mesh: the mesh to place the weights on.
     dtype: ``auto`` (the folder's dtype; in-memory params keep theirs),
       ``float32``, ``bfloat16`` or ``float16``: weights and compute.
@@ -182,7 +184,7 @@ def load(pretrained, mesh, *, dtype="auto", tokenizer=None) -> Loaded:
       raise ValueError("in-memory params need tokenizer=FOLDER (or mistral)")
     return Loaded(cfg, params, tokenizer, "in-memory params")
 
-  path = str(pretrained)
+  path = resolve_model(str(pretrained))
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{path}: no such model folder or workdir")
   if not is_workdir(path):

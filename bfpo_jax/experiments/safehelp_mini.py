@@ -36,7 +36,7 @@ from bfpo_jax.experiments import judge, report, rollout, world
 from bfpo_jax.model.config import MistralConfig
 from bfpo_jax.model.hf_io import load_hf, save_hf
 from bfpo_jax.model.mistral import init_params
-from bfpo_jax.model.tokenizer import load_tokenizer
+from bfpo_jax.tokenizer import load_tokenizer
 
 MODELS = ("dpo_helpful", "dpo_safety", "dpo_mix", "ipo_mix", "bfpo")
 
@@ -171,6 +171,8 @@ def preference_config(s: Settings, name: str, files: world.DataFiles,
   c.max_steps = s.steps
   c.optimizer.learning_rate = s.lr
   c.loss.beta, c.loss.alpha, c.loss.b1 = s.beta, s.alpha, s.b1
+  c.loss.average_logps = False  # summed for every loss, IPO included (the
+  # design), not each method's own default
   return c
 
 

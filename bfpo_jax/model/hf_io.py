@@ -11,7 +11,10 @@ Hub's ``model.safetensors.index.json``; ``transformers``, vLLM and
 lm-eval-harness load the folder unchanged.
 
 PyTorch pickle checkpoints (``pytorch_model*.bin``) are refused: unpickling
-runs arbitrary code.
+runs arbitrary code. Wherever a folder is read, a Hub id
+(``mistralai/Mistral-7B-v0.1[@revision]``) may stand in for it: it is fetched
+into the Hub cache by :func:`bfpo_jax.hub.resolve_model`, safetensors,
+config and tokenizer files only.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from bfpo_jax.hub import HubError, resolve_model  # noqa: F401 -- public here
 from bfpo_jax.model.config import MistralConfig, check_supported
 from bfpo_jax.model.mistral import abstract_params, param_path
 
@@ -88,14 +92,17 @@ def _tensor_files(path: str) -> dict[str, str]:
 
 
 def load_config(path: str, **overrides) -> MistralConfig:
-  """Reads ``path/config.json`` into a :class:`MistralConfig`.
+  """Reads ``path/config.json`` (``path`` a folder or Hub id) into a
+  :class:`MistralConfig`.
 
   Raises:
     FileNotFoundError: no ``config.json``.
-    ValueError: one line, for an architecture or setting not supported.
+    ValueError: one line, for an architecture or setting not supported, or a
+      Hub id that cannot be fetched (:class:`HubError`).
   """
   import transformers
 
+  path = resolve_model(path)
   config_file = os.path.join(path, "config.json")
   if not os.path.isfile(config_file):
     raise FileNotFoundError(f"{path}: no config.json (not a model folder)")
@@ -105,15 +112,16 @@ def load_config(path: str, **overrides) -> MistralConfig:
     check_supported(raw)
   except ValueError as e:
     raise ValueError(f"{path}: {e}") from None
-  return MistralConfig.from_hf(transformers.AutoConfig.from_pretrained(path),
-                               **overrides)
+  return MistralConfig.from_hf(
+      transformers.AutoConfig.from_pretrained(path, trust_remote_code=False),
+      **overrides)
 
 
 def check_folder(path: str) -> None:
   """Raises, before any weight is read, what :func:`load_hf` would on a
   folder without ``config.json`` or without safetensors weights."""
   load_config(path)
-  _tensor_files(path)
+  _tensor_files(resolve_model(path))
 
 
 def load_hf(path: str, dtype=jnp.float32, shardings=None, **config_overrides):
@@ -121,7 +129,7 @@ def load_hf(path: str, dtype=jnp.float32, shardings=None, **config_overrides):
 
   Args:
     path: folder with ``config.json`` and safetensors weights (single file or
-      sharded with an index).
+      sharded with an index), or a Hub id (``owner/name[@revision]``).
     dtype: dtype of the returned params (also the config's ``param_dtype``).
     shardings: optional ``jax.sharding.Sharding`` for every leaf, or a pytree
       of them shaped like the params; each tensor is placed as it is read.
@@ -131,6 +139,7 @@ def load_hf(path: str, dtype=jnp.float32, shardings=None, **config_overrides):
   Returns:
     ``(config, params)``.
   """
+  path = resolve_model(path)
   cfg = load_config(path, param_dtype=dtype, **config_overrides)
   files = _tensor_files(path)
   abstract = abstract_params(cfg)
