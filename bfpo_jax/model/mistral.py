@@ -79,7 +79,7 @@ class Dense(nnx.Module):
   def __call__(self, x):
     y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
     if hasattr(self, "bias"):
-      y = y + self.bias[...].astype(self.dtype)
+      y = y + self.bias[...].astype(self.dtype)[(None,) * (y.ndim - 1)]
     return y
 
 
