@@ -8,14 +8,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 
 import jax
 import numpy as np
 
 from bfpo_jax import sharding
-from bfpo_jax.config import ConfigError, data_parallel_size, loss_setting
-from bfpo_jax.data import pipeline
+from bfpo_jax.config import (
+  ConfigError,
+  data_parallel_size,
+  loss_setting,
+  pack_length,
+)
+from bfpo_jax.data import packing, pipeline
 from bfpo_jax.data.sources import SourceSpec
 from bfpo_jax.model_source import (  # noqa: F401 -- build's public names
   EXPORT_DIR,
@@ -66,13 +72,21 @@ def _split_eval(examples, fraction, seed):
           [examples[i] for i in sorted(held)])
 
 
-def _eval_batches(examples, task, size, buckets, pad_id):
-  """Fixed eval batches; the last is padded with zero-weight rows."""
+def _eval_batches(examples, task, size, buckets, pad_id, packed=None):
+  """Fixed eval batches; the last is padded with zero-weight rows.
+
+  ``packed`` (``pack_pairs`` keyword arguments) packs preference pairs
+  instead; a packed batch's slots say which pair they hold (``pair_index``).
+  """
   collate = pipeline.collate_sft if task == "sft" else pipeline.collate_pairs
   out, shares = [], []
   for start in range(0, len(examples), size):
     chunk = examples[start:start + size]
     real = len(chunk)
+    if packed and task != "sft":
+      out.append(packing.pack_pairs(chunk, pad_id=pad_id, **packed))
+      shares.append(float(real))
+      continue
     chunk = chunk + [chunk[0]] * (size - real)
     batch = collate(chunk, buckets=buckets, pad_id=pad_id)
     if task == "sft":
@@ -163,11 +177,34 @@ def load_examples(config, tokenizer) -> Examples:
       # Sources of a concat buffer are drawn in proportion to their size.
       report[f"buffer:{name}"] = dict(entry, role="buffer", train=0, eval=0,
                                       pairs=round(drawn * len(source) / total))
+  if d.preference_layout == "packed":
+    _check_pairs_fit(config, [train, [held_out]] + (
+        [buffer] if d.buffer_task == "preference" else []), task)
   pad_id = tokenizer.pad_token_id
   return Examples(task=task, train=train, held_out=held_out, buffer=buffer,
                   report=report,
                   pad_id=tokenizer.eos_token_id if pad_id is None else pad_id,
                   buffer_task=d.buffer_task)
+
+
+def _check_pairs_fit(config, groups, task):
+  """Every preference pair must fit a packed row (``data.pack_length``)."""
+  longest = max((packing.pair_tokens(e) for group in groups for source in group
+                 for e in source if "chosen_ids" in e), default=0)
+  if task == "preference" and longest > pack_length(config):
+    raise ConfigError(f"data.pack_length: a pair takes {longest} tokens, more "
+                      f"than a packed row of {pack_length(config)} (0 = 2 x "
+                      "data.max_length holds any pair)")
+
+
+def packing_options(config, rows_multiple):
+  """``pack_pairs`` keyword arguments of the run, or None when padded."""
+  if config.data.preference_layout != "packed":
+    return None
+  return dict(length=pack_length(config),
+              pairs_per_row=config.data.pairs_per_row,
+              rows_multiple=math.lcm(rows_multiple, jax.process_count()),
+              buckets=tuple(config.data.buckets))
 
 
 def make_data(config, examples: Examples, num_devices) -> RunData:
@@ -178,20 +215,26 @@ def make_data(config, examples: Examples, num_devices) -> RunData:
   """
   d, task, pad_id = config.data, examples.task, examples.pad_id
   p, n = jax.process_index(), jax.process_count()
+  dp = data_parallel_size(config, num_devices)
+  # Each device gets as many rows in every microbatch.
+  layout = dict(layout=d.preference_layout, pack_length=pack_length(config),
+                pairs_per_row=d.pairs_per_row,
+                rows_multiple=dp * config.batch.accumulation)
   ds = pipeline.batches(examples.train, task=task,
                         global_batch=config.batch.global_size, seed=config.seed,
                         mixture=d.mixture, weights=list(d.weights) or None,
                         buckets=list(d.buckets), pad_id=pad_id,
-                        process_index=p, process_count=n)
+                        process_index=p, process_count=n, **layout)
   if examples.buffer:
     ds = pipeline.with_buffer(ds, pipeline.batches(
         examples.buffer, task=examples.buffer_task,
         global_batch=config.batch.global_size, seed=config.seed + 1,
         buckets=list(d.buckets), pad_id=pad_id, process_index=p,
-        process_count=n))
-  eval_size = config.batch.per_device * data_parallel_size(config, num_devices)
+        process_count=n, **layout))
+  eval_size = config.batch.per_device * dp
   eval_batches, shares = _eval_batches(examples.held_out, task, eval_size,
-                                       list(d.buckets), pad_id)
+                                       list(d.buckets), pad_id,
+                                       packing_options(config, dp))
   return RunData(train=ds, eval_batches=[_local_rows(b, p, n)
                                          for b in eval_batches],
                  eval_shares=shares,
@@ -236,18 +279,25 @@ def attach_reference_logps(config, model_cfg, step_cfg, params, examples,
       if str(f["key"]) == key:
         cached, from_cache = (f["chosen"], f["rejected"]), True
   if cached is None:
-    size = config.batch.per_device * data_parallel_size(config,
-                                                        jax.device_count())
+    dp = data_parallel_size(config, jax.device_count())
+    size = config.batch.per_device * dp
     fn = jax.jit(sharding.with_activation_sharding(
         lambda p, b: pair_logps(model_cfg, step_cfg, p, b, mesh), mesh),
         out_shardings=sharding.replicated(mesh))
     batches, _ = _eval_batches(pairs, "preference", size,
-                               list(config.data.buckets), examples.pad_id)
+                               list(config.data.buckets), examples.pad_id,
+                               packing_options(config, dp))
     p, n = jax.process_index(), jax.process_count()
-    outs = [jax.device_get(fn(params, global_batch(_local_rows(b, p, n), mesh)))
-            for b in batches]
-    cached = tuple(np.concatenate([o[i] for o in outs])[: len(pairs)]
-                   for i in (0, 1))
+    cached = (np.zeros(len(pairs), np.float32), np.zeros(len(pairs), np.float32))
+    for start, b in zip(range(0, len(pairs), size), batches):
+      out = jax.device_get(fn(params, global_batch(_local_rows(b, p, n), mesh)))
+      # Padded rows are the pairs in order (then zero-weight copies);
+      # packed slots say which pair they hold.
+      index = (b["pair_index"] if "pair_index" in b
+               else np.arange(len(out[0])))
+      held = (index >= 0) & (index < len(pairs) - start)
+      for side, logps in zip(cached, out):
+        side[start + index[held]] = np.asarray(logps)[held]
     if jax.process_index() == 0:
       np.savez(cache_path, key=key, chosen=cached[0], rejected=cached[1])
   for e, chosen, rejected in zip(pairs, *cached):

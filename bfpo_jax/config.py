@@ -13,7 +13,8 @@ import os
 
 import ml_collections
 
-from bfpo_jax.data.pipeline import MIXTURES, PACK_MODES
+from bfpo_jax.data.packing import LAYOUTS
+from bfpo_jax.data.pipeline import DEFAULT_BUCKETS, MIXTURES, PACK_MODES
 from bfpo_jax.data.sources import TASKS, DataError, SourceSpec
 from bfpo_jax.data.tokenize import SFT_LOSSES, TEMPLATES, TRUNCATIONS
 from bfpo_jax.hub import is_hub_id
@@ -47,6 +48,7 @@ ENUMERATED = {
     "data.sft_loss": SFT_LOSSES,
     "data.pack_mode": PACK_MODES,
     "data.buffer_task": TASKS,
+    "data.preference_layout": LAYOUTS,
     "optimizer.name": OPTIMIZERS,
     "optimizer.schedule": SCHEDULES,
 }
@@ -98,7 +100,14 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.eval_fraction = 0.05  # also held out of each source for evaluation
   c.data.max_prompt_length = 512
   c.data.max_length = 1024
-  c.data.buckets = (1024,)  # padded lengths (fewer recompiles than per batch)
+  c.data.buckets = DEFAULT_BUCKETS  # padded lengths: the smallest holding a
+  # batch's longest row (fewer recompiles than one length per batch)
+  c.data.preference_layout = "padded"  # padded: chosen and rejected rows
+  # each padded to a bucket; packed: [prompt | chosen | rejected] once per
+  # pair, pairs packed first-fit into rows (data.packing)
+  c.data.pack_length = 0  # tokens per packed row; 0 = 2 x max_length, which
+  # holds any pair cut to max_length
+  c.data.pairs_per_row = 8  # most pairs in a packed row (shapes stay static)
   c.data.num_workers = 0  # tokenization processes
   c.data.template = "reference"  # reference (the paper's code) | generation
   c.data.truncation = "trl"  # trl (the reference's) | prompt_first
@@ -279,3 +288,13 @@ def _validate_data(config) -> None:
     raise ConfigError(f"data.eval_fraction: {d.eval_fraction} is not in [0, 1)")
   if d.buffer_weight and not d.buffer_sources:
     raise ConfigError("data.buffer_weight > 0 needs data.buffer_sources")
+  if d.pairs_per_row < 1:
+    raise ConfigError(f"data.pairs_per_row: {d.pairs_per_row} is not >= 1")
+  if d.pack_length < 0:
+    raise ConfigError(f"data.pack_length: {d.pack_length} is not >= 0 (0 = "
+                      "2 x data.max_length)")
+
+
+def pack_length(config) -> int:
+  """Tokens per packed preference row (``data.pack_length``, 0 = 2 x max)."""
+  return config.data.pack_length or 2 * config.data.max_length

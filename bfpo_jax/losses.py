@@ -374,12 +374,80 @@ def mean_logits(hidden, unembedding, mask):
   Returns:
     [B] float32 mean logits (0 for a row with no masked position).
   """
-  mean_column_D = jnp.mean(unembedding.astype(jnp.float32), axis=1)
-  logits_BxT = jnp.einsum("btd,d->bt", hidden.astype(jnp.float32),
-                          mean_column_D)
+  logits_BxT = _token_mean_logits(hidden, unembedding)
   mask_BxT = mask.astype(jnp.float32)
   return (jnp.sum(logits_BxT * mask_BxT, axis=-1)
           / jnp.maximum(jnp.sum(mask_BxT, axis=-1), 1.0))
+
+
+def _token_mean_logits(hidden, unembedding):
+  mean_column_D = jnp.mean(unembedding.astype(jnp.float32), axis=1)
+  return jnp.einsum("...d,d->...", hidden.astype(jnp.float32), mean_column_D)
+
+
+def packed_pair_logps(hidden, unembedding, labels, loss_mask, segment_ids,
+                      branch_ids, *, num_slots, chunk_size, average=False,
+                      vocab_chunk_size=None, with_logits=False):
+  """Chosen and rejected log-probs of the pairs packed in rows.
+
+  Rows hold several pairs (``data.packing``): a token belongs to pair slot
+  ``segment_ids - 1`` of its row and to its chosen (``branch_ids == 1``) or
+  rejected (2) response. The response tokens of all rows are gathered to
+  the front before the chunked log-probs (:func:`chunked_token_logps`), so
+  chunks of prompt and padding are skipped whatever their place in the rows;
+  each pair's tokens are then summed (or averaged) per side.
+
+  Args:
+    hidden: [B, T, D] final hidden states; ``hidden[:, t]`` predicts
+      ``labels[:, t]``.
+    unembedding: [D, V] output matrix.
+    labels: [B, T] token ids.
+    loss_mask: [B, T] True on response tokens.
+    segment_ids: [B, T] pair slot + 1 of each label token (0 = padding).
+    branch_ids: [B, T] 1 chosen, 2 rejected (0 prompt) of each label token.
+    num_slots: M, pair slots per row.
+    chunk_size: tokens per log-prob chunk.
+    average: divide by each response's token count instead of summing.
+    vocab_chunk_size: optional vocabulary chunk for a streaming logsumexp.
+    with_logits: also return each response's mean logit (see
+      :func:`mean_logits`).
+
+  Returns:
+    ``(chosen, rejected)`` [B, M] float32 (0 in empty slots), and with
+    ``with_logits`` ``((chosen, rejected), (chosen_logits,
+    rejected_logits))``.
+  """
+  b, t, d = hidden.shape
+  mask_N = loss_mask.reshape(b * t).astype(bool)
+  order_N = jnp.argsort(~mask_N, stable=True)  # response tokens first
+  hidden_NxD = hidden.reshape(b * t, d)[order_N]
+  mask_N = mask_N[order_N]
+  logps_N = chunked_token_logps(
+      hidden_NxD[None], unembedding, labels.reshape(b * t)[order_N][None],
+      chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size,
+      mask=mask_N[None])[0]
+  # Each response token's (row, slot, side) as one id; others add zeros.
+  row_N = jnp.arange(b * t)[order_N] // t
+  slot_N = jnp.clip(segment_ids.reshape(b * t)[order_N] - 1, 0, num_slots - 1)
+  side_N = jnp.clip(branch_ids.reshape(b * t)[order_N] - 1, 0, 1)
+  ids_N = (row_N * num_slots + slot_N) * 2 + side_N
+  weight_N = mask_N.astype(jnp.float32)
+
+  def per_pair(values_N):
+    sums = jax.ops.segment_sum(values_N * weight_N, ids_N,
+                               num_segments=b * num_slots * 2)
+    return sums.reshape(b, num_slots, 2)
+
+  counts_BxMx2 = jnp.maximum(per_pair(jnp.ones_like(weight_N)), 1.0)
+  logps_BxMx2 = per_pair(logps_N)
+  if average:
+    logps_BxMx2 = logps_BxMx2 / counts_BxMx2
+  out = (logps_BxMx2[..., 0], logps_BxMx2[..., 1])
+  if not with_logits:
+    return out
+  logits_BxMx2 = per_pair(_token_mean_logits(
+      jax.lax.stop_gradient(hidden_NxD), unembedding)) / counts_BxMx2
+  return out, (logits_BxMx2[..., 0], logits_BxMx2[..., 1])
 
 
 # --------------------------------------------------------------------------- #

@@ -177,17 +177,21 @@ def memory_report(cfg: MistralConfig, axis_sizes, *, mode="selective",
                   pattern=None, lora_rank=16, optimizer="adamw",
                   pairs_per_device=2, seq_len=1024, frozen_dtype=jnp.bfloat16,
                   compute_dtype=jnp.bfloat16, chunk_size=1024,
-                  remat_policy="full", rules=DEFAULT_RULES):
+                  remat_policy="full", layout="padded", pack_length=None,
+                  rules=DEFAULT_RULES):
   """Bytes per device of a BFPO step, from shapes alone.
 
   Trainable leaves are float32 masters with a reference copy in
   ``frozen_dtype`` (none under LoRA) and float32 gradients; frozen leaves are stored in
   ``frozen_dtype``. The activation figure assumes per-block remat: the
   residual stream of every block for chosen+rejected, plus one block's
-  working set (attention probabilities in float32 via the XLA path) and one
-  chunk of float32 logits; ``remat_policy="dots"`` adds every block's saved
-  matmul outputs (q, k, v, o, gate, up, down). It is an estimate; measure on
-  the device.
+  working set (attention probabilities in float32 via the XLA path, and
+  its boolean [rows, 1, T, T] mask) and one chunk of float32 logits;
+  ``remat_policy="dots"`` adds every block's saved matmul outputs (q, k, v,
+  o, gate, up, down). ``layout="packed"`` counts the packed rows' worst
+  case, one pair in each row of ``pack_length`` (default ``2 * seq_len``)
+  tokens: ``pairs_per_device`` rows instead of twice as many rows of
+  ``seq_len``. It is an estimate; measure on the device.
   """
   shapes = abstract_params(cfg)
   specs = param_specs(cfg, axis_sizes, rules)
@@ -213,12 +217,15 @@ def memory_report(cfg: MistralConfig, axis_sizes, *, mode="selective",
     trainable_bytes = total(trainable, jnp.float32)
     reference_bytes = total(trainable, frozen_dtype)
   moments = {"adamw": 2, "rmsprop": 1}[optimizer]
-  b = 2 * pairs_per_device
-  t, dim = seq_len, cfg.hidden_size
+  if layout == "packed":
+    b, t = pairs_per_device, pack_length or 2 * seq_len
+  else:
+    b, t = 2 * pairs_per_device, seq_len
+  dim = cfg.hidden_size
   act = jnp.dtype(compute_dtype).itemsize
   n_heads = max(1, cfg.num_attention_heads // axis_sizes.get("tensor", 1))
   block = b * t * (6 * dim + 3 * cfg.intermediate_size) * act
-  attention = b * n_heads * t * t * 4
+  attention = b * n_heads * t * t * 4 + b * t * t  # probabilities, bool mask
   activations = (cfg.num_hidden_layers * b * t * dim * act + block + attention
                  + chunk_size * cfg.vocab_size * 4 * 2)
   if remat_policy == "dots":
@@ -263,16 +270,24 @@ def main(argv=None):
   parser.add_argument("--pairs_per_device", type=int, default=2)
   parser.add_argument("--seq_len", type=int, default=1024)
   parser.add_argument("--remat_policy", default="full", choices=["full", "dots"])
+  parser.add_argument("--layout", default="padded", choices=["padded", "packed"],
+                      help="preference rows: padded pairs or packed pairs")
+  parser.add_argument("--pack_length", type=int, default=None,
+                      help="tokens per packed row (default 2 x seq_len)")
   args = parser.parse_args(argv)
   cfg = getattr(MistralConfig, args.model)()
   report = memory_report(cfg, args.mesh, mode=args.mode, pattern=args.pattern,
                          optimizer=args.optimizer,
                          pairs_per_device=args.pairs_per_device,
-                         seq_len=args.seq_len, remat_policy=args.remat_policy)
+                         seq_len=args.seq_len, remat_policy=args.remat_policy,
+                         layout=args.layout, pack_length=args.pack_length)
   mesh = ",".join(f"{k}={v}" for k, v in args.mesh.items())
+  rows = (f"{args.pairs_per_device} packed rows x "
+          f"{args.pack_length or 2 * args.seq_len} tokens"
+          if args.layout == "packed" else
+          f"{args.pairs_per_device} pairs x {args.seq_len} tokens")
   print(f"{args.model}, mesh {mesh}, {args.mode}, {args.optimizer}, "
-        f"{args.pairs_per_device} pairs x {args.seq_len} tokens per device, "
-        f"remat {args.remat_policy}")
+        f"{rows} per device, remat {args.remat_policy}")
   for key, value in report.items():
     print(f"  {key:24s} {value / 2**30:8.2f} GiB")
 

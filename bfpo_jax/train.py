@@ -53,6 +53,7 @@ from bfpo_jax.config import (
   default_config,
   describe_loss,
   loss_setting,
+  pack_length,
   validate,
 )
 from bfpo_jax.data.sources import DataError
@@ -272,7 +273,9 @@ def _train(config, workdir: str) -> dict:
       frozen_dtype=jnp.dtype(config.model.param_dtype),
       compute_dtype=jnp.dtype(config.model.dtype),
       chunk_size=config.loss.chunk_size,
-      remat_policy=config.model.remat_policy)
+      remat_policy=config.model.remat_policy,
+      layout="padded" if config.stage == "sft" else config.data.preference_layout,
+      pack_length=pack_length(config))
   wandb_run = start_wandb(config, workdir, {
       "effective/loss.beta": loss_setting(config, "beta"),
       "effective/loss.average_logps": loss_setting(config, "average_logps")})

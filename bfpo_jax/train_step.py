@@ -8,11 +8,16 @@ gradients are not finite.
 
 Batch layout (leading axis = global batch; B pairs or sequences):
 
-* preference stages: ``chosen_input_ids``, ``chosen_attention_mask``,
+* preference stages, padded: ``chosen_input_ids``, ``chosen_attention_mask``,
   ``chosen_loss_mask`` and the same ``rejected_*`` [B, T]; ``chosen_is_safe``,
   ``rejected_is_safe`` [B]; optional ``weight`` [B] (0 for padding pairs);
   with ``precomputed_reference``, ``reference_chosen_logps`` and
   ``reference_rejected_logps`` [B].
+* preference stages, packed (``data.packing``; recognised by
+  ``branch_ids``): B rows of ``input_ids``, ``attention_mask``,
+  ``positions``, ``segment_ids``, ``branch_ids``, ``loss_mask`` [B, T], each
+  holding up to M pairs, and the per-pair keys above as [B, M] slots
+  (``weight`` 0 in empty slots). The reference forward uses the same rows.
 * ``sft``: ``input_ids``, ``attention_mask``, ``loss_mask`` [B, T]; optional
   ``segment_ids`` [B, T] for packed rows (see ``data.pipeline.pack_sft``).
 * optional ``buffer``: a second batch, drawn from its own stream, whose loss
@@ -163,6 +168,33 @@ def sequence_logps(model_cfg, step_cfg, params, input_ids, attention_mask,
   return fn(hidden[:, :-1], w, input_ids[:, 1:], loss_mask[:, 1:])
 
 
+def packed_pair_logps(model_cfg, step_cfg, params, batch, mesh=None, *,
+                      with_logits=False):
+  """Chosen and rejected [B, M] log-probs of packed rows, one forward.
+
+  Each pair's prompt runs once, its two responses beside it; see
+  ``data.packing`` and ``losses.packed_pair_logps``. With a ``mesh`` the
+  log-probs run per device on its own rows, as in :func:`sequence_logps`.
+  """
+  hidden = apply_hidden(model_cfg, params, batch["input_ids"],
+                        batch["attention_mask"], positions=batch["positions"],
+                        segment_ids=batch["segment_ids"],
+                        branch_ids=batch["branch_ids"])
+  w = unembedding(model_cfg, params).astype(model_cfg.dtype)
+  fn = functools.partial(
+      losses.packed_pair_logps, num_slots=batch["weight"].shape[1],
+      chunk_size=step_cfg.chunk_size, average=step_cfg.average_logps,
+      vocab_chunk_size=step_cfg.vocab_chunk_size, with_logits=with_logits)
+  if mesh is not None:
+    rows = PartitionSpec(sharding.BATCH_AXES)
+    pairs = (rows, rows)
+    fn = jax.shard_map(fn, mesh=mesh, in_specs=(rows, PartitionSpec()) + (rows,) * 4,
+                       out_specs=(pairs, pairs) if with_logits else pairs,
+                       axis_names=frozenset(sharding.BATCH_AXES))
+  return fn(hidden[:, :-1], w, *(batch[k][:, 1:] for k in (
+      "input_ids", "loss_mask", "segment_ids", "branch_ids")))
+
+
 def pair_logps(model_cfg, step_cfg, params, batch, mesh=None, *,
                with_logits=False):
   """Chosen and rejected [B] log-probs from one forward over [2B, T].
@@ -170,8 +202,12 @@ def pair_logps(model_cfg, step_cfg, params, batch, mesh=None, *,
   Rows are interleaved (chosen 0, rejected 0, chosen 1, ...), so a device's
   pairs stay on it: concatenating instead would move every row of half the
   batch to another device. ``with_logits`` returns
-  ``((chosen, rejected), (chosen_mean_logits, rejected_mean_logits))``.
+  ``((chosen, rejected), (chosen_mean_logits, rejected_mean_logits))``. A
+  packed batch goes to :func:`packed_pair_logps` ([B, M] per side).
   """
+  if "branch_ids" in batch:
+    return packed_pair_logps(model_cfg, step_cfg, params, batch, mesh,
+                             with_logits=with_logits)
   both = lambda k: jnp.stack([batch[f"chosen_{k}"],  # noqa: E731
                               batch[f"rejected_{k}"]], axis=1).reshape(
                                   -1, batch[f"chosen_{k}"].shape[1])
@@ -215,11 +251,12 @@ def _sft_term(model_cfg, step_cfg, params, batch, mesh):
 
 
 def preference_loss(step_cfg, policy, reference, batch):
-  """The stage's loss on [B] log-probs: ``(loss, metrics)``."""
-  flags = dict(chosen_is_safe=batch["chosen_is_safe"],
-               rejected_is_safe=batch["rejected_is_safe"])
-  args = (*policy, *reference)
-  weights = _pair_weights(batch)
+  """The stage's loss on [B] (or packed [B, M]) log-probs: ``(loss, metrics)``."""
+  flat = lambda x: jnp.reshape(x, -1)  # noqa: E731
+  flags = dict(chosen_is_safe=flat(batch["chosen_is_safe"]),
+               rejected_is_safe=flat(batch["rejected_is_safe"]))
+  args = tuple(map(flat, (*policy, *reference)))
+  weights = flat(_pair_weights(batch))
   if step_cfg.stage == "bfpo":
     return losses.bfpo_loss(*args, flags["chosen_is_safe"],
                             flags["rejected_is_safe"], beta=step_cfg.beta,

@@ -19,12 +19,20 @@ lr 5e-7, cosine, warmup ceil(0.1 x steps), AdamW without weight decay, clip
 1.0, one epoch, bf16, beta (tau) 0.01, alpha 0.5, b1 3, only every block's
 down_proj trains; prompts keep 512 / pairs 1024 tokens, cut as trl cuts them.
 
+Pairs are packed (data.preference_layout="packed", data.packing): each
+prompt runs once, [prompt | chosen | rejected], several pairs per row of at
+most 2048 tokens, rows in multiples of 16 (4 devices x 4 microbatches); the
+same pairs take about half the token slots and model FLOPs of padded rows
+(benchmarks/packing.py, docs/BENCHMARKS.md).
+--config.data.preference_layout=padded pads them to the buckets instead.
+
 Memory per device (python -m bfpo_jax.sharding --model mistral_7b --mesh
-fsdp=4 --remat_policy dots --pairs_per_device 4, the safety and helpfulness
-pairs of a microbatch both live in its backward pass): 35.7 GiB estimated --
-2.5 frozen bf16 params, 1.75 down_proj fp32 masters, 0.9 reference copy, 3.5
-Adam moments, 1.75 gradients, ~25 activations. Remat keeps each block's
-matmul outputs ("dots"); --config.model.remat_policy=full needs 14.7 GiB.
+fsdp=4 --remat_policy dots --pairs_per_device 4 --layout packed, the safety
+and helpfulness pairs of a microbatch both live in its backward pass, one
+pair per row of 2048 at worst): 36.7 GiB estimated -- 2.5 frozen bf16
+params, 1.75 down_proj fp32 masters, 0.9 reference copy, 3.5 Adam moments,
+1.75 gradients, ~26 activations (35.7 GiB padded). Remat keeps each block's
+matmul outputs ("dots"); --config.model.remat_policy=full needs 15.7 GiB.
 """
 
 from bfpo_jax.config import default_config
@@ -61,7 +69,10 @@ def get_config(stage="bfpo"):
   c.data.truncation = "trl"
   c.data.max_prompt_length = 512
   c.data.max_length = 1024
-  c.data.buckets = (256, 512, 1024)
+  c.data.buckets = (256, 512, 1024)  # padded lengths; shorter packed rows
+  c.data.preference_layout = "packed"
+  c.data.pack_length = 2048  # any pair cut to 1024 / 512 fits a row
+  c.data.pairs_per_row = 8
   c.data.num_workers = 8
   c.batch.global_size = 32
   c.batch.per_device = 2

@@ -6,8 +6,8 @@
 FSDP over all 16 chips (32 GiB HBM each); global batch 32 = 2 x 1 x 16
 safety pairs plus as many UltraFeedback buffer pairs, as configs/a100x4.py.
 Memory per chip (python -m bfpo_jax.sharding --model mistral_7b --mesh
-fsdp=16 --pairs_per_device 4 --remat_policy dots): 27.87 GiB estimated;
---config.model.remat_policy=full: 6.87 GiB.
+fsdp=16 --pairs_per_device 4 --remat_policy dots --layout packed): 28.88
+GiB estimated; --config.model.remat_policy=full: 7.88 GiB.
 """
 
 from configs import a100x4

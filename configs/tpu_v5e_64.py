@@ -6,8 +6,9 @@
 data=4 x fsdp=16 over 64 chips; global batch 64 = 1 x 1 x 64 safety pairs
 plus as many UltraFeedback buffer pairs, as configs/a100x4.py. Memory per
 chip (python -m bfpo_jax.sharding --model mistral_7b --mesh data=4,fsdp=16
---pairs_per_device 2): 4.85 GiB estimated with full remat; the "dots" policy
-of configs/a100x4.py would need 15.35 GiB of the 16.
+--pairs_per_device 2 --layout packed): 5.36 GiB estimated with full remat
+(4.85 padded); the "dots" policy of configs/a100x4.py would need 15.86 GiB
+of the 16.
 """
 
 from configs import a100x4

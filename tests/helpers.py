@@ -107,3 +107,18 @@ def fill_hub_cache(cache_dir, repo_id, folder, commit=HUB_COMMIT, ref="main"):
   with open(os.path.join(repo, "refs", ref), "w") as f:
     f.write(commit)
   return snapshot
+
+
+def pairs_of(batch):
+  """The tokenized pairs (``tokenize_pair``'s layout) of a padded batch."""
+  pairs = []
+  for i in range(len(batch["chosen_is_safe"])):
+    prompt = int(np.argmax(batch["chosen_loss_mask"][i]))
+    ids = {side: batch[f"{side}_input_ids"][i][
+        batch[f"{side}_attention_mask"][i]].tolist()
+           for side in ("chosen", "rejected")}
+    pairs.append({"prompt_length": prompt, "chosen_ids": ids["chosen"],
+                  "rejected_ids": ids["rejected"],
+                  "chosen_is_safe": bool(batch["chosen_is_safe"][i]),
+                  "rejected_is_safe": bool(batch["rejected_is_safe"][i])})
+  return pairs

@@ -2,6 +2,7 @@
 
 Prints one JSON line: per mesh, the per-step losses, the largest difference
 of the trained params from the 1-device run, and the sharding of one leaf.
+``packed/...`` runs take the same pairs packed (``data.packing``).
 """
 
 import json
@@ -17,6 +18,7 @@ import optax  # noqa: E402
 
 from bfpo_jax import sharding  # noqa: E402
 from bfpo_jax import train_step as ts  # noqa: E402
+from bfpo_jax.data import packing  # noqa: E402
 from bfpo_jax.model import init_params  # noqa: E402
 from tests import helpers  # noqa: E402
 
@@ -24,7 +26,13 @@ MESHES = {"single": (1, 1, 1), "data2_fsdp2_tensor2": (2, 2, 2),
           "fsdp8": (1, 8, 1)}
 
 
-def run(mesh_sizes, accumulation, steps=3):
+def packed(batch):
+  """The batch's pairs packed into 16 rows (any mesh x accumulation here)."""
+  return packing.pack_pairs(helpers.pairs_of(batch), length=32,
+                            pairs_per_row=4, rows_multiple=16)
+
+
+def run(mesh_sizes, accumulation, steps=3, layout=lambda b: b):
   cfg = helpers.tiny_config()
   n = int(np.prod(mesh_sizes))
   mesh = sharding.make_mesh(*mesh_sizes, devices=jax.devices()[:n])
@@ -37,7 +45,7 @@ def run(mesh_sizes, accumulation, steps=3):
                              shardings=shardings)
   losses = []
   for i in range(steps):
-    state, metrics = step(state, helpers.preference_batch(i, pairs=16))
+    state, metrics = step(state, layout(helpers.preference_batch(i, pairs=16)))
     losses.append(float(metrics["loss"]))
   leaf = state.trainable["layers"][0]["mlp"]["down_proj"]["kernel"]
   frozen = state.frozen["layers"][0]["mlp"]["gate_proj"]["kernel"]
@@ -59,6 +67,12 @@ def main():
           jax.tree.leaves(trained), jax.tree.leaves(reference)))
       out[f"{name}/acc{accumulation}"] = {"losses": losses, "max_param_diff": diff,
                                           **specs}
+  for name, accumulation in (("data2_fsdp2_tensor2", 1), ("fsdp8", 2)):
+    losses, trained, specs = run(MESHES[name], accumulation, layout=packed)
+    diff = max(float(np.max(np.abs(a - b))) for a, b in zip(
+        jax.tree.leaves(trained), jax.tree.leaves(reference)))
+    out[f"packed/{name}/acc{accumulation}"] = {
+        "losses": losses, "max_param_diff": diff, **specs}
   print(json.dumps(out))
 
 

@@ -154,3 +154,29 @@ def test_eval_throughput_writes_side_by_side_json(tmp_path):
   ratio = result["ratio_bfpo_jax_to_hf"]
   assert abs(ratio["warm"] - result["bfpo_jax"]["warm_requests_per_s"]
              / result["hf"]["warm_requests_per_s"]) < 1e-9
+
+
+@pytest.mark.slow
+def test_packing_benchmark_writes_its_json(tmp_path):
+  out = tmp_path / "p.json"
+  proc = subprocess.run(
+      [sys.executable, "benchmarks/packing.py", "--json", str(out), "--steps",
+       "1", "--pairs", "2", "--hidden_size", "32", "--intermediate_size", "64",
+       "--num_hidden_layers", "1", "--num_attention_heads", "4",
+       "--num_key_value_heads", "2", "--vocab_size", "512"],
+      cwd=ROOT, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(out.read_text())
+  for key in ("padded_pairs_per_s", "packed_pairs_per_s", "ratio",
+              "padded_padding_share", "packed_padding_share", "distribution",
+              "projection_a100x4_bfpo_stage"):
+    assert key in result
+  assert result["ratio"] == pytest.approx(result["packed_pairs_per_s"]
+                                          / result["padded_pairs_per_s"])
+  layouts = result["layouts"]
+  assert {"padded_1024", "padded_a100x4", "padded_best", "packed"} <= set(layouts)
+  # Packing leaves less padding than any padded layout of the same pairs.
+  assert all(layouts["packed"]["padding_share"] < v["padding_share"]
+             for k, v in layouts.items() if k != "packed")
+  # The 1024-token projection is the one BENCHMARKS.md derives by hand.
+  assert result["projection_a100x4_bfpo_stage"]["padded_1024"]["flops"] == 5.97e18

@@ -1,4 +1,5 @@
-"""Sharded steps on 8 fake CPU devices equal the 1-device run."""
+"""Sharded steps on 8 fake CPU devices equal the 1-device run, padded pairs
+or packed (the same pairs)."""
 
 import json
 import os
@@ -26,3 +27,4 @@ def test_meshes_match_single_device():
   assert mixed["down_proj"] == ["tensor", "fsdp"]
   assert mixed["gate_proj"] == ["fsdp", "tensor"]
   assert results["fsdp8/acc1"]["down_proj"][-1] == "fsdp"
+  assert {"packed/data2_fsdp2_tensor2/acc1", "packed/fsdp8/acc2"} <= set(results)

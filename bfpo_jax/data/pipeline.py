@@ -15,6 +15,7 @@ import functools
 import grain
 import numpy as np
 
+from bfpo_jax.data import packing
 from bfpo_jax.data.sources import DataError, Skip, SourceSpec, load_records
 from bfpo_jax.data.tokenize import (
     SFT_LOSSES,
@@ -27,6 +28,10 @@ from bfpo_jax.data.tokenize import (
 
 MIXTURES = ("concat", "weighted")
 PACK_MODES = ("stream", "examples")
+DEFAULT_BUCKETS = (384, 512, 768, 1024)
+"""Padded lengths at the recipe's 1024 tokens: of the sets of at most four,
+the one with the fewest padded tokens on the paper's length mix
+(benchmarks/packing.py, docs/BENCHMARKS.md)."""
 
 
 def _tokenize_chunk(tokenizer, task, options, records):
@@ -274,24 +279,37 @@ def _collate_share(examples, *, collate, buckets, pad_id, process_index,
 
 
 def batches(examples_by_source, *, task, global_batch, seed=0,
-            mixture="concat", weights=None, buckets=(1024,), pad_id=0,
-            process_index=0, process_count=1):
+            mixture="concat", weights=None, buckets=DEFAULT_BUCKETS, pad_id=0,
+            process_index=0, process_count=1, layout="padded",
+            pack_length=2048, pairs_per_row=8, rows_multiple=1):
   """An endless grain MapDataset of this process's batches.
 
   Each process takes every ``process_count``-th example of the shared shuffled
   stream, so processes see disjoint examples and together the global batch;
-  all pad to the bucket of the global batch's longest row.
+  all pad to the bucket of the global batch's longest row. With
+  ``layout="packed"`` (preference pairs, see ``data.packing``) every process
+  packs the whole global batch into rows of ``pack_length`` tokens (or of a
+  bucket below it), at most ``pairs_per_row`` pairs each, a multiple of
+  ``rows_multiple`` rows, and keeps its share of the rows: all agree on the
+  row count and length as they do on the bucket.
 
   Returns:
     MapDataset whose element k is this process's share of global batch k
-    (``global_batch // process_count`` rows).
+    (``global_batch // process_count`` rows, or its packed rows).
   """
   if global_batch % process_count:
     raise DataError(f"global batch {global_batch} is not divisible by "
                     f"{process_count} processes")
+  if layout not in packing.LAYOUTS:
+    raise DataError(f"layout must be one of {packing.LAYOUTS}, got {layout!r}")
   collate = collate_sft if task == "sft" else collate_pairs
   ds = examples_dataset(examples_by_source, seed=seed, mixture=mixture,
                         weights=weights)
+  if layout == "packed" and task != "sft":
+    return ds.batch(global_batch, drop_remainder=True, batch_fn=functools.partial(
+        packing.pack_share, length=pack_length, pairs_per_row=pairs_per_row,
+        rows_multiple=rows_multiple, pad_id=pad_id, buckets=tuple(buckets),
+        process_index=process_index, process_count=process_count))
   return ds.batch(global_batch, drop_remainder=True, batch_fn=functools.partial(
       _collate_share, collate=collate, buckets=buckets, pad_id=pad_id,
       process_index=process_index, process_count=process_count))

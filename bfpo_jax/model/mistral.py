@@ -14,6 +14,8 @@ the functions below are pure and jit-able with the config static.
 
 Dimension names: B batch, T query tokens, S key tokens, D model width,
 N query heads, K key/value heads, H head dim, F mlp width, V vocabulary.
+
+Which attention kernel each platform gets: :mod:`bfpo_jax.model.attention`.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from bfpo_jax.model.attention import attention_mask, masked_attention
 from bfpo_jax.model.config import MistralConfig
 from bfpo_jax.model.rope import rope, rope_frequencies
 
@@ -35,7 +38,6 @@ _ACTIVATION_SHARDING = contextvars.ContextVar("activation_sharding",
 
 BTD = ("act_batch", "act_length", "act_embed")
 """Logical axes of the residual stream [B, T, D]."""
-
 
 @contextlib.contextmanager
 def activation_sharding(resolve):
@@ -100,25 +102,6 @@ class RMSNorm(nnx.Module):
     return scale_1xD * x32.astype(self.dtype)
 
 
-def attention_mask(key_valid_BxS, query_index_T, sliding_window,
-                   segment_ids_BxT=None):
-  """Boolean [B, 1, T, S]: causal, within the window, and not padding.
-
-  Indices are positions in the (padded) buffer, as in transformers: a query
-  at index i sees keys j with ``i - window < j <= i``. With packed rows
-  (``segment_ids``, no cache), a query sees only keys of its own segment.
-  """
-  key_index_S = jnp.arange(key_valid_BxS.shape[1])
-  allowed_TxS = key_index_S[None, :] <= query_index_T[:, None]
-  if sliding_window is not None:
-    allowed_TxS &= key_index_S[None, :] > query_index_T[:, None] - sliding_window
-  mask = allowed_TxS[None, None] & key_valid_BxS[:, None, None, :]
-  if segment_ids_BxT is not None:
-    mask &= (segment_ids_BxT[:, None, :, None]
-             == segment_ids_BxT[:, None, None, :])
-  return mask
-
-
 class Attention(nnx.Module):
   """Grouped-query self-attention with RoPE and an optional KV cache."""
 
@@ -133,7 +116,7 @@ class Attention(nnx.Module):
     self.o_proj = Dense(cfg, n * h, d, ("q_heads", "embed"), rngs, bias)
 
   def __call__(self, x_BxTxD, positions_BxT, key_valid_BxS, query_index_T,
-               cache=None, segment_ids=None):
+               cache=None, segment_ids=None, branch_ids=None):
     cfg = self.cfg
     b, t, _ = x_BxTxD.shape
     n, k, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.dim_per_head
@@ -168,9 +151,9 @@ class Attention(nnx.Module):
           implementation="cudnn")
     else:
       mask = attention_mask(key_valid_BxS, query_index_T, cfg.sliding_window,
-                            segment_ids)
-      out_BxTxNxH = jax.nn.dot_product_attention(
-          q_BxTxNxH, keys, values, mask=mask, implementation="xla")
+                            segment_ids, branch_ids, positions_BxT)
+      out_BxTxNxH = masked_attention(q_BxTxNxH, keys, values, mask,
+                                     packed_pairs=branch_ids is not None)
     return self.o_proj(out_BxTxNxH.reshape(b, t, n * h)), cache
 
 
@@ -199,19 +182,21 @@ class Block(nnx.Module):
     self.mlp = MLP(cfg, rngs)
 
   def __call__(self, x, positions, key_valid, query_index, cache=None,
-               segment_ids=None):
+               segment_ids=None, branch_ids=None):
     # Named scopes label the ops in profiles (benchmarks/profiling.py).
     with jax.named_scope("attention"):
       attn, cache = self.self_attn(self.input_layernorm(x), positions,
-                                   key_valid, query_index, cache, segment_ids)
+                                   key_valid, query_index, cache, segment_ids,
+                                   branch_ids)
     x = x + attn
     with jax.named_scope("mlp"):
       return x + self.mlp(self.post_attention_layernorm(x)), cache
 
 
 def _run_block(block, x, positions, key_valid, query_index, cache,
-               segment_ids):
-  return block(x, positions, key_valid, query_index, cache, segment_ids)
+               segment_ids, branch_ids):
+  return block(x, positions, key_valid, query_index, cache, segment_ids,
+               branch_ids)
 
 
 class Mistral(nnx.Module):
@@ -230,7 +215,8 @@ class Mistral(nnx.Module):
                            ("embed", "vocab"), rngs)
 
   def __call__(self, input_ids_BxT, positions_BxT, key_valid_BxS,
-               query_index_T, caches=None, segment_ids_BxT=None):
+               query_index_T, caches=None, segment_ids_BxT=None,
+               branch_ids_BxT=None):
     with jax.named_scope("embed"):
       x = jnp.take(self.embed_tokens.embedding[...], input_ids_BxT, axis=0)
       x = pin(x.astype(self.cfg.dtype), BTD)
@@ -242,7 +228,8 @@ class Mistral(nnx.Module):
     new_caches = []
     for i, block in enumerate(self.layers):
       x, cache = run(block, x, positions_BxT, key_valid_BxS, query_index_T,
-                     None if caches is None else caches[i], segment_ids_BxT)
+                     None if caches is None else caches[i], segment_ids_BxT,
+                     branch_ids_BxT)
       x = pin(x, BTD)
       new_caches.append(cache)
     return pin(self.norm(x), BTD), (None if caches is None else new_caches)
@@ -335,7 +322,7 @@ def _prepare(input_ids, attention_mask, positions, segment_ids):
 
 
 def apply_hidden(cfg, params, input_ids, attention_mask=None, positions=None,
-                 segment_ids=None):
+                 segment_ids=None, branch_ids=None):
   """Final hidden states [B, T, D] (after the last RMSNorm).
 
   Args:
@@ -349,6 +336,10 @@ def apply_hidden(cfg, params, input_ids, attention_mask=None, positions=None,
     segment_ids: optional [B, T] ids of sequences packed into one row (0 =
       padding): tokens attend only within their segment, and default
       positions restart at each segment.
+    branch_ids: optional [B, T] with ``segment_ids`` and explicit
+      ``positions``: packed preference pairs (``data.packing``), 0 on a
+      pair's prompt, 1 on its chosen and 2 on its rejected branch; a branch
+      attends to the prompt and itself.
 
   Returns:
     [B, T, D] hidden states in ``cfg.dtype``; multiply by :func:`unembedding`
@@ -356,9 +347,12 @@ def apply_hidden(cfg, params, input_ids, attention_mask=None, positions=None,
   """
   attention_mask, positions = _prepare(input_ids, attention_mask, positions,
                                        segment_ids)
+  if branch_ids is not None and (segment_ids is None or positions is None):
+    raise ValueError("branch_ids need segment_ids and explicit positions")
   hidden, _ = bind(cfg, params)(input_ids, positions, attention_mask,
                                 jnp.arange(input_ids.shape[1]),
-                                segment_ids_BxT=segment_ids)
+                                segment_ids_BxT=segment_ids,
+                                branch_ids_BxT=branch_ids)
   return hidden
 
 
@@ -370,9 +364,9 @@ def unembedding(cfg, params):
 
 
 def apply(cfg, params, input_ids, attention_mask=None, positions=None,
-          segment_ids=None):
+          segment_ids=None, branch_ids=None):
   """Next-token logits [B, T, V] in float32; see :func:`apply_hidden`."""
   hidden = apply_hidden(cfg, params, input_ids, attention_mask, positions,
-                        segment_ids)
+                        segment_ids, branch_ids)
   w = unembedding(cfg, params).astype(cfg.dtype)
   return jnp.dot(hidden, w, preferred_element_type=jnp.float32)
