@@ -47,6 +47,7 @@ def step_config(config) -> StepConfig:
       label_smoothing=config.loss.label_smoothing,
       average_logps=loss_setting(config, "average_logps"),
       chunk_size=config.loss.chunk_size,
+      vocab_chunk_size=config.loss.vocab_chunk_size or None,
       accumulation_steps=config.batch.accumulation,
       buffer_weight=config.data.buffer_weight,
       buffer_task=config.data.buffer_task, mode=t.mode,

@@ -14,11 +14,12 @@ import os
 import ml_collections
 
 from bfpo_jax.data.packing import LAYOUTS
-from bfpo_jax.data.pipeline import DEFAULT_BUCKETS, PACK_MODES
+from bfpo_jax.data.pipeline import DEFAULT_BUCKETS, MIXTURES, PACK_MODES
 from bfpo_jax.data.sources import TASKS, DataError, SourceSpec
 from bfpo_jax.data.tokenize import SFT_LOSSES, TEMPLATES, TRUNCATIONS
 from bfpo_jax.hub import is_hub_id
-from bfpo_jax.model.config import REMAT_POLICIES
+from bfpo_jax.model.config import ATTENTION_IMPLS, REMAT_POLICIES
+from bfpo_jax.optimizer import OPTIMIZERS, SCHEDULES
 from bfpo_jax.train_step import STAGES
 from bfpo_jax.trainable import MODES
 
@@ -31,6 +32,27 @@ METHOD_DEFAULTS = {
     "sft": {"beta": 0.01, "average_logps": False},  # unused by the loss
 }
 """Per stage, the value of each ``loss`` field left unset (None)."""
+
+
+PRESETS = ("tiny", "mistral_7b")
+ENUMERATED = {
+    "stage": STAGES,
+    "model.dtype": DTYPES,
+    "model.param_dtype": DTYPES,
+    "model.remat_policy": REMAT_POLICIES,
+    "model.attention_impl": ATTENTION_IMPLS,
+    "trainable.mode": MODES,
+    "data.mixture": MIXTURES,
+    "data.template": TEMPLATES,
+    "data.truncation": TRUNCATIONS,
+    "data.sft_loss": SFT_LOSSES,
+    "data.pack_mode": PACK_MODES,
+    "data.buffer_task": TASKS,
+    "data.preference_layout": LAYOUTS,
+    "optimizer.name": OPTIMIZERS,
+    "optimizer.schedule": SCHEDULES,
+}
+"""Every field with a fixed set of values, and the values, checked first."""
 
 
 class ConfigError(ValueError):
@@ -124,6 +146,8 @@ def default_config() -> ml_collections.ConfigDict:
   # sum over response tokens, as the BFPO paper
   c.loss.precompute_reference = False  # reference log-probs once, up front
   c.loss.chunk_size = 256  # tokens per log-prob chunk (prompt/pad chunks skipped)
+  c.loss.vocab_chunk_size = 0  # also stream the vocabulary in chunks of this
+  # many columns (less memory for big vocabularies); 0 = the whole vocabulary
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = 1
@@ -183,27 +207,28 @@ def data_parallel_size(config, num_devices) -> int:
 
 
 def validate(config, num_devices: int) -> None:
-  """Raises :class:`ConfigError` naming the first field that cannot work."""
-  if config.stage not in STAGES:
-    raise ConfigError(f"stage: {config.stage!r} is not one of {STAGES}")
-  if config.trainable.mode not in MODES:
-    raise ConfigError(f"trainable.mode: {config.trainable.mode!r} is not one "
-                      f"of {MODES}")
-  if config.model.remat_policy not in REMAT_POLICIES:
-    raise ConfigError(f"model.remat_policy: {config.model.remat_policy!r} is "
-                      f"not one of {REMAT_POLICIES}")
-  for field in ("dtype", "param_dtype"):
-    if config.model[field] not in DTYPES:
-      raise ConfigError(f"model.{field}: {config.model[field]!r} is not one of "
-                        f"{DTYPES}")
+  """Raises :class:`ConfigError` naming the first field that cannot work.
+
+  Reads no file and builds nothing, so a bad value stops the run before the
+  data or the model load.
+  """
+  for field, allowed in ENUMERATED.items():
+    value = config
+    for part in field.split("."):
+      value = value[part]
+    if value not in allowed:
+      raise ConfigError(f"{field}: {value!r} is not one of {allowed}")
   source = config.init_from or config.model.hf_path
   if source and not os.path.isdir(source) and not is_hub_id(source):
     field = "init_from" if config.init_from else "model.hf_path"
     raise ConfigError(f"{field}: model folder {source!r} does not exist (nor "
                       "is it a Hub id owner/name[@revision])")
-  if not source and config.model.preset not in ("tiny", "mistral_7b"):
-    raise ConfigError(f"model.preset: {config.model.preset!r} is not tiny or "
-                      "mistral_7b")
+  if not source and config.model.preset not in PRESETS:
+    raise ConfigError(f"model.preset: {config.model.preset!r} is not one of "
+                      f"{PRESETS}")
+  if config.loss.vocab_chunk_size < 0:
+    raise ConfigError(f"loss.vocab_chunk_size: {config.loss.vocab_chunk_size} "
+                      "must be >= 0 (0 = the whole vocabulary)")
   _validate_data(config)
   try:
     dp = data_parallel_size(config, num_devices)
@@ -248,12 +273,6 @@ def _validate_data(config) -> None:
   d = config.data
   if not d.sources:
     raise ConfigError("data.sources: no data sources given")
-  for field, allowed in (("template", TEMPLATES), ("truncation", TRUNCATIONS),
-                         ("sft_loss", SFT_LOSSES), ("pack_mode", PACK_MODES),
-                         ("buffer_task", TASKS),
-                         ("preference_layout", LAYOUTS)):
-    if d[field] not in allowed:
-      raise ConfigError(f"data.{field}: {d[field]!r} is not one of {allowed}")
   task = "sft" if config.stage == "sft" else "preference"
   if d.buffer_task == "preference" and task == "sft":
     raise ConfigError("data.buffer_task: a preference buffer needs a "

@@ -1,10 +1,18 @@
 """Tiny models and random batches in the step's layout, shared by tests."""
 
+import jax
 import numpy as np
 
 from bfpo_jax.model import MistralConfig
 
 VOCAB = 64
+
+
+def no_implicit_transfers():
+  """Context for a training loop: every host/device copy must be explicit
+  (``device_put``/``device_get``), as big_vision runs with
+  ``jax_transfer_guard="disallow"``; an implicit one raises."""
+  return jax.transfer_guard("disallow")
 
 
 def tiny_config(**overrides):

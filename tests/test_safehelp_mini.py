@@ -180,13 +180,17 @@ def test_bfpo_loss_is_the_same_under_either_reading_of_the_safety_set():
 def test_every_run_config_is_valid_and_reads_the_right_files(files, tmp_path):
   s = safehelp_mini.full()
   init = str(tmp_path)  # any existing folder passes the model check
-  validate(safehelp_mini.sft_config(s, files, init), 1)
+  sft = safehelp_mini.sft_config(s, files, init)
+  validate(sft, 1)
+  # trained in the layout the rollout prompts with, loss on the responses
+  assert (sft.data.template, sft.data.sft_loss) == (rollout.TEMPLATE, "assistant")
   kinds = {}
   for name in safehelp_mini.MODELS:
     c = safehelp_mini.preference_config(s, name, files, init, seed=1)
     validate(c, 1)
     assert (c.max_steps, c.batch.global_size, c.loss.beta) == (40, 8, 0.01)
     assert build.step_config(c).average_logps is False  # IPO too: summed
+    assert c.data.template == rollout.TEMPLATE
     kinds[name] = (c.stage, [src.split(":")[0] for src in c.data.sources])
   assert kinds == {
       "dpo_helpful": ("dpo", ["ultrafeedback"]),
@@ -228,7 +232,7 @@ def test_answer_log_odds_match_full_logits():
   got = rollout.answer_log_odds(cfg, params, tok, [request])
   from bfpo_jax.data.tokenize import ChatTokenizer
 
-  chat = ChatTokenizer(tok)
+  chat = ChatTokenizer(tok, rollout.TEMPLATE)
   def logp(text):
     prompt, response, _ = chat.encode_pair(request.messages, text, text)
     ids = prompt + response

@@ -25,10 +25,12 @@ def _run(step_cfg, batch, steps=3, lr=1e-2, pattern=None, optimizer=None):
   optimizer = optimizer or optax.adam(lr)
   state, _ = ts.create_state(_params(), optimizer, step_cfg, CFG, pattern=pattern)
   step = ts.build_train_step(CFG, step_cfg, optimizer)
+  batch = jax.device_put(batch)  # as train.py's build.global_batch does
   history = []
-  for _ in range(steps):
-    state, metrics = step(state, batch)
-    history.append(jax.device_get(metrics))
+  with helpers.no_implicit_transfers():
+    for _ in range(steps):
+      state, metrics = step(state, batch)
+      history.append(jax.device_get(metrics))
   return state, history
 
 

@@ -25,6 +25,9 @@ from bfpo_jax.experiments import world
 from bfpo_jax.model.generate import forward_with_cache, init_cache
 from bfpo_jax.model.mistral import apply_hidden, default_positions, unembedding
 
+TEMPLATE = "generation"
+"""The chat layout SafeHelp-mini trains and prompts with (``data.template``)."""
+
 
 def left_pad(rows: list[list[int]], pad_id: int):
   """Token lists -> ``(ids [B, T] int32, mask [B, T] bool)``, padded left."""
@@ -74,7 +77,7 @@ def greedy_generate(cfg, params, input_ids_BxT, attention_mask_BxT, *,
 def respond(cfg, params, tokenizer, requests: list[world.Request], *,
             max_new_tokens: int, batch_size: int = 128) -> list[str]:
   """The model's greedy response text to each request (up to its EOS)."""
-  chat = ChatTokenizer(tokenizer)
+  chat = ChatTokenizer(tokenizer, TEMPLATE)
   eos = tokenizer.eos_token_id
   texts = []
   for start in range(0, len(requests), batch_size):
@@ -106,7 +109,7 @@ def answer_log_odds(cfg, params, tokenizer, requests: list[world.Request]):
   preference losses count them), log-sum-exp'd within the kind of response.
   Positive: the model leans towards answering that request.
   """
-  chat = ChatTokenizer(tokenizer)
+  chat = ChatTokenizer(tokenizer, TEMPLATE)
   rows, prompt_lengths = [], []
   for r in requests:
     for text in ([t.format(topic=r.topic) for t in world.ANSWER_TEMPLATES]

@@ -117,6 +117,10 @@ def _base_config(s: Settings, stage: str, seed: int):
   c.seed = seed
   c.tokenizer = "mistral"
   c.trainable.mode = "full"
+  # The design's layout, not the reference recipe's defaults: the generation
+  # template (the one the rollout prompts with) and SFT loss on the responses.
+  c.data.template = rollout.TEMPLATE
+  c.data.sft_loss = "assistant"
   c.data.max_prompt_length = s.max_prompt_length
   c.data.max_length = s.max_length
   c.data.buckets = (64, s.max_length)

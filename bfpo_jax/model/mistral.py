@@ -81,7 +81,7 @@ class Dense(nnx.Module):
   def __call__(self, x):
     y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
     if hasattr(self, "bias"):
-      y = y + self.bias[...].astype(self.dtype)
+      y = y + self.bias[...].astype(self.dtype)[(None,) * (y.ndim - 1)]
     return y
 
 
@@ -97,7 +97,9 @@ class RMSNorm(nnx.Module):
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True)
                               + self.eps)
-    return self.scale[...].astype(self.dtype) * x32.astype(self.dtype)
+    scale_1xD = self.scale[...].astype(self.dtype).reshape(
+        (1,) * (x.ndim - 1) + (-1,))
+    return scale_1xD * x32.astype(self.dtype)
 
 
 class Attention(nnx.Module):
@@ -299,12 +301,12 @@ def default_positions(attention_mask_BxT):
 
 def segment_positions(segment_ids_BxT):
   """Position ids that restart at 0 where each packed segment starts."""
-  index_T = jnp.arange(segment_ids_BxT.shape[1])
-  starts = jnp.concatenate(
+  index_1xT = jnp.arange(segment_ids_BxT.shape[1])[None, :]
+  starts_BxT = jnp.concatenate(
       [jnp.ones_like(segment_ids_BxT[:, :1], bool),
        segment_ids_BxT[:, 1:] != segment_ids_BxT[:, :-1]], axis=1)
-  start_BxT = jax.lax.cummax(jnp.where(starts, index_T, 0), axis=1)
-  return index_T - start_BxT
+  start_BxT = jax.lax.cummax(jnp.where(starts_BxT, index_1xT, 0), axis=1)
+  return index_1xT - start_BxT
 
 
 def _prepare(input_ids, attention_mask, positions, segment_ids):

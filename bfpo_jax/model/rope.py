@@ -103,7 +103,8 @@ def rope(x_BxTxNxH, positions_BxT, theta, inv_freq=None, attention_factor=1.0):
   h = x_BxTxNxH.shape[-1]
   if inv_freq is None:
     inv_freq = 1.0 / theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h)
-  angles_BxTxH2 = positions_BxT[..., None].astype(jnp.float32) * inv_freq
+  angles_BxTxH2 = (positions_BxT[..., None].astype(jnp.float32)
+                   * inv_freq[None, None, :])
   cos = jnp.cos(angles_BxTxH2)[:, :, None, :]
   sin = jnp.sin(angles_BxTxH2)[:, :, None, :]
   if attention_factor != 1.0:
