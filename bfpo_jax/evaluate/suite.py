@@ -23,6 +23,8 @@ from lm_eval import simple_evaluate
 from lm_eval.tasks import TaskManager
 from lm_eval.tasks._yaml_loader import load_yaml
 
+from bfpo_jax.data.tokenize import CHAT_TEMPLATE
+
 logger = logging.getLogger(__name__)
 
 TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tasks")
@@ -36,19 +38,7 @@ BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json",
             ".parquet": "parquet", ".txt": "text"}
 # Zephyr's chat template (HuggingFaceH4/zephyr-7b-beta), the format this
 # project trains in: used when the model's tokenizer carries none.
-ZEPHYR_CHAT_TEMPLATE = (
-    "{% for message in messages %}\n"
-    "{% if message['role'] == 'user' %}\n"
-    "{{ '<|user|>\n' + message['content'] + eos_token }}\n"
-    "{% elif message['role'] == 'system' %}\n"
-    "{{ '<|system|>\n' + message['content'] + eos_token }}\n"
-    "{% elif message['role'] == 'assistant' %}\n"
-    "{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n"
-    "{% endif %}\n"
-    "{% if loop.last and add_generation_prompt %}\n"
-    "{{ '<|assistant|>' }}\n"
-    "{% endif %}\n"
-    "{% endfor %}")
+ZEPHYR_CHAT_TEMPLATE = CHAT_TEMPLATE
 
 
 @dataclasses.dataclass(frozen=True)
