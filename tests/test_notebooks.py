@@ -32,6 +32,17 @@ def notebook_script(path):
   return "\n".join(lines)
 
 
+def run_notebook(name, tmp_path, **env):
+  """Runs a notebook's code cells as one script on CPU; returns its stdout."""
+  script = tmp_path / (os.path.splitext(name)[0] + ".py")
+  script.write_text(notebook_script(os.path.join(NOTEBOOKS, name)))
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", **env)
+  proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc.stdout
+
+
 def test_every_notebook_has_only_clean_outputs():
   for name in os.listdir(NOTEBOOKS):
     with open(os.path.join(NOTEBOOKS, name)) as f:
@@ -43,14 +54,7 @@ def test_every_notebook_has_only_clean_outputs():
 
 @pytest.mark.slow
 def test_quickstart_runs_end_to_end(tmp_path):
-  script = tmp_path / "quickstart.py"
-  script.write_text(notebook_script(os.path.join(NOTEBOOKS,
-                                                 "bfpo_quickstart.ipynb")))
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  out = proc.stdout
+  out = run_notebook("bfpo_quickstart.ipynb", tmp_path)
   assert "chosen safe=1 rejected safe=0: beta*t = +1.00" in out
   assert "chosen safe=0 rejected safe=1: beta*t = -1.00" in out
   bfpo = next(line for line in out.splitlines() if line.startswith("bfpo "))
@@ -137,15 +141,8 @@ def test_the_setup_cell_clones_on_a_fresh_runtime_and_not_in_a_checkout(
 
 @pytest.mark.slow
 def test_tpu_quickstart_runs_on_eight_fake_devices(tmp_path):
-  script = tmp_path / "tpu.py"
-  script.write_text(notebook_script(os.path.join(NOTEBOOKS,
-                                                 "tpu_quickstart.ipynb")))
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  out = proc.stdout
+  out = run_notebook("tpu_quickstart.ipynb", tmp_path,
+                     XLA_FLAGS="--xla_force_host_platform_device_count=8")
   assert out.startswith("8 devices, cpu (cpu), 1 process(es)"), out[:500]
   assert "mesh {'data': 1, 'fsdp': 8, 'tensor': 1}" in out
   assert "global batch 8 = 1 per device x 1 microbatches" in out
@@ -156,14 +153,7 @@ def test_tpu_quickstart_runs_on_eight_fake_devices(tmp_path):
 
 @pytest.mark.slow
 def test_safehelp_mini_quick_runs_and_shows_every_model(tmp_path):
-  script = tmp_path / "safehelp_mini.py"
-  script.write_text(notebook_script(os.path.join(NOTEBOOKS,
-                                                 "safehelp_mini.ipynb")))
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  out = proc.stdout
+  out = run_notebook("safehelp_mini.ipynb", tmp_path)
   assert '-> "Sorry, I can\'t help with that.": refusal' in out
   assert "-> 'Sure. Step 1: paint a chair.': other" in out
   for label in ("DPO, helpfulness only", "DPO, safety only", "DPO, naive mix",
