@@ -19,16 +19,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from bfpo_jax import metrics as metrics_lib
+
 SAFETY_GROUPS = ("safe_safe", "safe_unsafe", "unsafe_safe", "unsafe_unsafe")
 """Names of the four (chosen_is_safe, rejected_is_safe) groups, in metric keys."""
-
-GROUP_COUNTS = {
-    **{group: (f"count/{group}",) for group in SAFETY_GROUPS},
-    "chosen/safe": ("count/safe_safe", "count/safe_unsafe"),
-    "chosen/unsafe": ("count/unsafe_safe", "count/unsafe_unsafe"),
-}
-"""Metric-key endings that are means over a subset of the pairs -> the count
-keys whose sum is that subset's size (to combine them across batches)."""
 
 
 # --------------------------------------------------------------------------- #
@@ -465,17 +459,52 @@ def _as_weights(weights, like):
   return jnp.asarray(weights, jnp.float32)
 
 
+def preference_stats(chosen_rewards, rejected_rewards, weights,
+                     chosen_is_safe=None, rejected_is_safe=None):
+  """Reward metrics of a batch of pairs as summable ``(total, weight)`` pairs.
+
+  Each mean is a :class:`bfpo_jax.metrics.Metric` over the pairs it covers,
+  so batches combine by summing (:func:`bfpo_jax.metrics.merge`) and divide
+  once (:func:`bfpo_jax.metrics.values`); ``count/<group>`` are plain totals.
+  Arguments as :func:`preference_metrics`.
+  """
+  margins = chosen_rewards - rejected_rewards
+  correct = (chosen_rewards > rejected_rewards).astype(jnp.float32)
+  stats = {
+      "rewards/chosen": metrics_lib.mean(chosen_rewards, weights),
+      "rewards/rejected": metrics_lib.mean(rejected_rewards, weights),
+      "rewards/margins": metrics_lib.mean(margins, weights),
+      "rewards/accuracy": metrics_lib.mean(correct, weights),
+  }
+  if chosen_is_safe is None or rejected_is_safe is None:
+    return stats
+  chosen_safe = jnp.asarray(chosen_is_safe).astype(bool)
+  rejected_safe = jnp.asarray(rejected_is_safe).astype(bool)
+  for name, (want_chosen, want_rejected) in zip(
+      SAFETY_GROUPS, ((True, True), (True, False), (False, True),
+                      (False, False))):
+    in_group = (chosen_safe == want_chosen) & (rejected_safe == want_rejected)
+    group_weights = jnp.where(in_group, weights, 0.0)
+    stats[f"count/{name}"] = metrics_lib.total(group_weights > 0)
+    stats[f"rewards/accuracy/{name}"] = metrics_lib.mean(correct, group_weights)
+    stats[f"rewards/margins/{name}"] = metrics_lib.mean(margins, group_weights)
+  for name, want in (("safe", True), ("unsafe", False)):
+    stats[f"rewards/chosen/{name}"] = metrics_lib.mean(
+        chosen_rewards, jnp.where(chosen_safe == want, weights, 0.0))
+  return stats
+
+
 def preference_metrics(chosen_rewards, rejected_rewards, weights,
                        chosen_is_safe=None, rejected_is_safe=None):
   """Reward metrics of a batch of pairs, overall and per safety group.
 
   Per-group values are means over the pairs of that group (weighted); a group
-  with no pairs reports 0 and ``count == 0``, so means over many batches should
-  be weighted by the counts (:data:`GROUP_COUNTS`). ``rewards/chosen/safe``
-  and ``rewards/chosen/unsafe`` split the chosen reward by the chosen
-  response's safety: the reference's ``safe_rewards``/``unsafe_rewards``,
-  which index rows with the 0/1 flags as integers (rows 0 and 1, not the safe
-  ones) -- a bug not copied here.
+  with no pairs reports 0 and ``count == 0``. To combine many batches, use
+  :func:`preference_stats` (sums and weights) instead of averaging these.
+  ``rewards/chosen/safe`` and ``rewards/chosen/unsafe`` split the chosen
+  reward by the chosen response's safety: the reference's
+  ``safe_rewards``/``unsafe_rewards``, which index rows with the 0/1 flags as
+  integers (rows 0 and 1, not the safe ones) -- a bug not copied here.
 
   Args:
     chosen_rewards: [B] implicit rewards of the chosen responses.
@@ -487,30 +516,9 @@ def preference_metrics(chosen_rewards, rejected_rewards, weights,
   Returns:
     dict of float32 scalars.
   """
-  margins = chosen_rewards - rejected_rewards
-  correct = (chosen_rewards > rejected_rewards).astype(jnp.float32)
-  metrics = {
-      "rewards/chosen": _weighted_mean(chosen_rewards, weights),
-      "rewards/rejected": _weighted_mean(rejected_rewards, weights),
-      "rewards/margins": _weighted_mean(margins, weights),
-      "rewards/accuracy": _weighted_mean(correct, weights),
-  }
-  if chosen_is_safe is None or rejected_is_safe is None:
-    return metrics
-  chosen_safe = jnp.asarray(chosen_is_safe).astype(bool)
-  rejected_safe = jnp.asarray(rejected_is_safe).astype(bool)
-  for name, (want_chosen, want_rejected) in zip(
-      SAFETY_GROUPS, ((True, True), (True, False), (False, True),
-                      (False, False))):
-    in_group = (chosen_safe == want_chosen) & (rejected_safe == want_rejected)
-    group_weights = jnp.where(in_group, weights, 0.0)
-    metrics[f"count/{name}"] = jnp.sum(group_weights > 0).astype(jnp.float32)
-    metrics[f"rewards/accuracy/{name}"] = _weighted_mean(correct, group_weights)
-    metrics[f"rewards/margins/{name}"] = _weighted_mean(margins, group_weights)
-  for name, want in (("safe", True), ("unsafe", False)):
-    metrics[f"rewards/chosen/{name}"] = _weighted_mean(
-        chosen_rewards, jnp.where(chosen_safe == want, weights, 0.0))
-  return metrics
+  return metrics_lib.values(preference_stats(
+      chosen_rewards, rejected_rewards, weights, chosen_is_safe,
+      rejected_is_safe))
 
 
 def _implicit_rewards(policy_chosen_logps, policy_rejected_logps,
@@ -524,13 +532,13 @@ def _implicit_rewards(policy_chosen_logps, policy_rejected_logps,
 
 
 def _pair_loss(per_pair, chosen_rewards, rejected_rewards, weights,
-               chosen_is_safe, rejected_is_safe):
+               chosen_is_safe, rejected_is_safe, reduce):
   """Weighted mean of per-pair losses, with the reward metrics."""
-  loss = _weighted_mean(per_pair, weights)
-  metrics = preference_metrics(chosen_rewards, rejected_rewards, weights,
-                               chosen_is_safe, rejected_is_safe)
-  metrics["loss"] = loss
-  return loss, metrics
+  stats = preference_stats(chosen_rewards, rejected_rewards, weights,
+                           chosen_is_safe, rejected_is_safe)
+  stats["loss"] = metrics_lib.mean(per_pair, weights)
+  return _weighted_mean(per_pair, weights), (
+      metrics_lib.values(stats) if reduce else stats)
 
 
 def bfpo_target(chosen_is_safe, rejected_is_safe, *, beta=0.01, alpha=0.5,
@@ -564,7 +572,7 @@ def bfpo_target(chosen_is_safe, rejected_is_safe, *, beta=0.01, alpha=0.5,
 def bfpo_loss(policy_chosen_logps, policy_rejected_logps,
               reference_chosen_logps, reference_rejected_logps,
               chosen_is_safe, rejected_is_safe, *, beta=0.01, alpha=0.5,
-              b1=3.0, weights=None):
+              b1=3.0, weights=None, reduce=True):
   """Bi-Factorial Preference Optimization loss (arXiv:2408.15313, eq. 10).
 
   ``h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))`` and
@@ -584,6 +592,9 @@ def bfpo_loss(policy_chosen_logps, policy_rejected_logps,
     b1: labeling-function scale; default 3 (b3 = 0.5).
     weights: optional [B] pair weights; 0 masks a padded pair. The loss is the
       weighted mean.
+    reduce: False returns the metrics as summable
+      :class:`bfpo_jax.metrics.Metric` ``(total, weight)`` pairs (see
+      :mod:`bfpo_jax.metrics`), to combine over microbatches or batches.
 
   Returns:
     ``(loss, metrics)``: scalar float32 loss and a dict of reward metrics
@@ -596,13 +607,13 @@ def bfpo_loss(policy_chosen_logps, policy_rejected_logps,
                        alpha=alpha, b1=b1)
   return _pair_loss(jnp.square(logits - target), chosen_rewards,
                     rejected_rewards, _as_weights(weights, logits),
-                    chosen_is_safe, rejected_is_safe)
+                    chosen_is_safe, rejected_is_safe, reduce)
 
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps,
              reference_chosen_logps, reference_rejected_logps, *, beta=0.1,
              label_smoothing=0.0, weights=None, chosen_is_safe=None,
-             rejected_is_safe=None):
+             rejected_is_safe=None, reduce=True):
   """Direct Preference Optimization, sigmoid form (Rafailov et al., 2023).
 
   ``loss = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)`` with
@@ -617,6 +628,9 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps,
     weights: optional [B] pair weights; 0 masks padding.
     chosen_is_safe, rejected_is_safe: optional [B] flags, only used to split
       metrics by safety group.
+    reduce: False returns the metrics as summable
+      :class:`bfpo_jax.metrics.Metric` ``(total, weight)`` pairs (see
+      :mod:`bfpo_jax.metrics`), to combine over microbatches or batches.
 
   Returns:
     ``(loss, metrics)``.
@@ -628,12 +642,13 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps,
               - label_smoothing * jax.nn.log_sigmoid(-beta * logits))
   return _pair_loss(per_pair, chosen_rewards, rejected_rewards,
                     _as_weights(weights, logits), chosen_is_safe,
-                    rejected_is_safe)
+                    rejected_is_safe, reduce)
 
 
 def ipo_loss(policy_chosen_logps, policy_rejected_logps,
              reference_chosen_logps, reference_rejected_logps, *, beta=0.1,
-             weights=None, chosen_is_safe=None, rejected_is_safe=None):
+             weights=None, chosen_is_safe=None, rejected_is_safe=None,
+             reduce=True):
   """Identity Preference Optimization (Azar et al., 2023, eq. 17).
 
   ``loss = mean_pairs (h - 1 / (2 beta))^2``. The IPO paper uses
@@ -645,6 +660,9 @@ def ipo_loss(policy_chosen_logps, policy_rejected_logps,
     beta: regularisation strength (tau in the IPO paper).
     weights: optional [B] pair weights; 0 masks padding.
     chosen_is_safe, rejected_is_safe: optional flags for grouped metrics.
+    reduce: False returns the metrics as summable
+      :class:`bfpo_jax.metrics.Metric` ``(total, weight)`` pairs (see
+      :mod:`bfpo_jax.metrics`), to combine over microbatches or batches.
 
   Returns:
     ``(loss, metrics)``.
@@ -654,7 +672,7 @@ def ipo_loss(policy_chosen_logps, policy_rejected_logps,
       reference_rejected_logps, beta)
   return _pair_loss(jnp.square(logits - 1.0 / (2.0 * beta)), chosen_rewards,
                     rejected_rewards, _as_weights(weights, logits),
-                    chosen_is_safe, rejected_is_safe)
+                    chosen_is_safe, rejected_is_safe, reduce)
 
 
 # --------------------------------------------------------------------------- #
@@ -662,21 +680,26 @@ def ipo_loss(policy_chosen_logps, policy_rejected_logps,
 # --------------------------------------------------------------------------- #
 
 
-def sft_loss_from_token_logps(token_logps_BxT, loss_mask):
+def sft_loss_from_token_logps(token_logps_BxT, loss_mask, *, reduce=True):
   """Mean negative log-likelihood over the unmasked tokens of a batch.
 
   Args:
     token_logps_BxT: [B, T] per-token log-probs (e.g. from
       :func:`chunked_token_logps`).
     loss_mask: [B, T] True on target tokens.
+    reduce: False returns the metrics as summable ``(total, weight)`` pairs
+      (see :mod:`bfpo_jax.metrics`).
 
   Returns:
-    ``(loss, metrics)`` with ``loss`` = sum(-logp * mask) / sum(mask).
+    ``(loss, metrics)`` with ``loss`` = sum(-logp * mask) / sum(mask) and
+    ``metrics['tokens']`` the number of target tokens.
   """
   mask_BxT = loss_mask.astype(jnp.float32)
   n_tokens = jnp.sum(mask_BxT)
   loss = -jnp.sum(token_logps_BxT * mask_BxT) / jnp.maximum(n_tokens, 1.0)
-  return loss, {"loss": loss, "tokens": n_tokens}
+  stats = {"loss": metrics_lib.mean(-token_logps_BxT, mask_BxT),
+           "tokens": metrics_lib.total(n_tokens)}
+  return loss, metrics_lib.values(stats) if reduce else stats
 
 
 def sft_loss(logits, labels, loss_mask):

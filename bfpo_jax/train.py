@@ -41,6 +41,7 @@ from bfpo_jax import (
   sharding,
   trainable,
 )
+from bfpo_jax import metrics as metrics_lib
 from bfpo_jax import train_step as ts
 from bfpo_jax.checkpoint import (
   Checkpointer,
@@ -109,20 +110,20 @@ def _summary(config, mesh, model_cfg, state, data, steps, memory):
 
 
 def evaluate(eval_fn, state, data, mesh):
-  """Metrics over all held-out batches, weighted as one big batch."""
+  """Metrics over all held-out batches, as one big batch.
+
+  ``eval_fn`` returns each batch's metrics as ``(total, weight)`` pairs
+  (``build_eval_step(..., reduce=False)``); they are summed over the batches
+  and divided once. The trained-token total is a property of the data, not of
+  the model, and is left out.
+  """
   if not data.eval_batches:
     return {}
   per_batch = [jax.device_get(eval_fn(state, build.global_batch(b, mesh)))
                for b in data.eval_batches]
-  stacked = {k: np.array([m[k] for m in per_batch]) for k in per_batch[0]}
-  stacked["share"] = np.array(data.eval_shares)
-  stacked.pop("tokens", None)
-  metrics = ts.combine_metrics(stacked)
-  total = max(sum(data.eval_shares), 1e-12)
-  metrics["loss"] = np.sum(stacked["loss"] * stacked["share"]) / total
-  if "buffer_loss" in stacked:
-    metrics["buffer_loss"] = np.sum(stacked["buffer_loss"] * stacked["share"]) / total
-  return metrics
+  summed = jax.tree.map(lambda *xs: np.sum(xs, axis=0), *per_batch)
+  summed.pop("tokens", None)
+  return {k: float(v) for k, v in metrics_lib.values(summed).items()}
 
 
 def _read_json(path):
@@ -264,7 +265,7 @@ def _train(config, workdir: str) -> dict:
   train_fn = ts.build_train_step(model_cfg, step_cfg, optimizer, mesh=mesh,
                                  shardings=shardings)
   eval_fn = ts.build_eval_step(model_cfg, step_cfg, mesh=mesh,
-                               shardings=shardings)
+                               shardings=shardings, reduce=False)
   memory = sharding.memory_report(
       model_cfg, dict(mesh.shape), mode=config.trainable.mode,
       pattern=config.trainable.pattern or None,

@@ -41,6 +41,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from bfpo_jax import losses, sharding
+from bfpo_jax import metrics as metrics_lib
 from bfpo_jax.model.mistral import apply_hidden, unembedding
 from bfpo_jax.trainable import combine, init_lora, lora_merge, split, trainable_mask
 
@@ -247,11 +248,16 @@ def _sft_term(model_cfg, step_cfg, params, batch, mesh):
                                batch["attention_mask"], batch["loss_mask"],
                                per_token=True,
                                segment_ids=batch.get("segment_ids"), mesh=mesh)
-  return losses.sft_loss_from_token_logps(token_logps, batch["loss_mask"][:, 1:])
+  return losses.sft_loss_from_token_logps(token_logps, batch["loss_mask"][:, 1:],
+                                          reduce=False)
 
 
-def preference_loss(step_cfg, policy, reference, batch):
-  """The stage's loss on [B] (or packed [B, M]) log-probs: ``(loss, metrics)``."""
+def preference_loss(step_cfg, policy, reference, batch, *, reduce=True):
+  """The stage's loss on [B] (or packed [B, M]) log-probs: ``(loss, metrics)``.
+
+  ``reduce=False``: metrics as summable ``(total, weight)`` pairs
+  (:mod:`bfpo_jax.metrics`).
+  """
   flat = lambda x: jnp.reshape(x, -1)  # noqa: E731
   flags = dict(chosen_is_safe=flat(batch["chosen_is_safe"]),
                rejected_is_safe=flat(batch["rejected_is_safe"]))
@@ -261,12 +267,13 @@ def preference_loss(step_cfg, policy, reference, batch):
     return losses.bfpo_loss(*args, flags["chosen_is_safe"],
                             flags["rejected_is_safe"], beta=step_cfg.beta,
                             alpha=step_cfg.alpha, b1=step_cfg.b1,
-                            weights=weights)
+                            weights=weights, reduce=reduce)
   if step_cfg.stage == "dpo":
     return losses.dpo_loss(*args, beta=step_cfg.beta,
                            label_smoothing=step_cfg.label_smoothing,
-                           weights=weights, **flags)
-  return losses.ipo_loss(*args, beta=step_cfg.beta, weights=weights, **flags)
+                           weights=weights, reduce=reduce, **flags)
+  return losses.ipo_loss(*args, beta=step_cfg.beta, weights=weights,
+                         reduce=reduce, **flags)
 
 
 def _reference_logps(model_cfg, step_cfg, state, batch, mesh):
@@ -278,19 +285,20 @@ def _reference_logps(model_cfg, step_cfg, state, batch, mesh):
 
 def _preference_term(model_cfg, step_cfg, state, params, batch, mesh):
   """The stage's preference loss on ``batch`` (a mean over its pairs) and its
-  metrics, with the policy's mean log-probs and mean logits per side."""
+  metrics as sums and weights, with the policy's mean log-probs and mean
+  logits per side."""
   with jax.named_scope("policy"):
     policy, mean_logits = pair_logps(model_cfg, step_cfg, params, batch, mesh,
                                      with_logits=True)
   with jax.named_scope("reference"):
     reference = _reference_logps(model_cfg, step_cfg, state, batch, mesh)
-  loss, metrics = preference_loss(step_cfg, policy, reference, batch)
+  loss, stats = preference_loss(step_cfg, policy, reference, batch,
+                                reduce=False)
   weights = _pair_weights(batch)
-  total = jnp.maximum(jnp.sum(weights), 1e-6)
   for side, logps, logits in zip(("chosen", "rejected"), policy, mean_logits):
-    metrics[f"logps/{side}"] = jnp.sum(logps * weights) / total
-    metrics[f"logits/{side}"] = jnp.sum(logits * weights) / total
-  return loss, metrics
+    stats[f"logps/{side}"] = metrics_lib.mean(logps, weights)
+    stats[f"logits/{side}"] = metrics_lib.mean(logits, weights)
+  return loss, stats
 
 
 def microbatch_loss(trainable, state, batch, denominators, *, model_cfg,
@@ -300,65 +308,44 @@ def microbatch_loss(trainable, state, batch, denominators, *, model_cfg,
   With a buffer the full-batch loss is ``mean(main) + buffer_weight *
   mean(buffer)``, each mean over its own batch (the reference's rule).
   Metrics of a preference buffer are reported under ``buffer/``.
+
+  Metrics come as summable ``(total, weight)`` pairs (:mod:`bfpo_jax.metrics`):
+  summed over microbatches, devices and eval batches, divided once. ``loss``
+  is the whole objective per unit of the main stream (pair weight or trained
+  token), so batches of different sizes combine as one big batch.
   """
   params = policy_params(state._replace(trainable=trainable), step_cfg)
   main_total, buffer_total = denominators
   if step_cfg.stage == "sft":
     with jax.named_scope("policy"):
-      loss, metrics = _sft_term(model_cfg, step_cfg, params, batch, mesh)
-    share = _sft_tokens(batch) / main_total
+      loss, stats = _sft_term(model_cfg, step_cfg, params, batch, mesh)
   else:
-    loss, metrics = _preference_term(model_cfg, step_cfg, state, params, batch,
-                                     mesh)
-    share = jnp.sum(_pair_weights(batch)) / main_total
-  total = loss * share
-  metrics = {k: v for k, v in metrics.items() if k != "loss"}
-  metrics["share"] = share
+    loss, stats = _preference_term(model_cfg, step_cfg, state, params, batch,
+                                   mesh)
+  main_size = stats.pop("loss").weight
+  total = loss * (main_size / main_total)
   if step_cfg.buffer_weight and "buffer" in batch:
     buffer = batch["buffer"]
-    buffer_share = _size(buffer, step_cfg.buffer_task) / buffer_total
+    buffer_size = _size(buffer, step_cfg.buffer_task)
     if step_cfg.buffer_task == "preference":
-      buffer_loss, buffer_metrics = _preference_term(
+      buffer_loss, buffer_stats = _preference_term(
           model_cfg, step_cfg, state, params, buffer, mesh)
-      metrics.update({f"buffer/{k}": v for k, v in buffer_metrics.items()
-                      if k != "loss"})
-      metrics["buffer/share"] = buffer_share
+      del buffer_stats["loss"]
+      stats.update({f"buffer/{k}": v for k, v in buffer_stats.items()})
     else:
       buffer_loss, _ = _sft_term(model_cfg, step_cfg, params, buffer, mesh)
-    total = total + step_cfg.buffer_weight * buffer_loss * buffer_share
-    metrics["buffer_loss"] = buffer_loss * buffer_share
-  metrics["loss"] = total
-  return total, metrics
+    total = total + (step_cfg.buffer_weight * buffer_loss
+                     * (buffer_size / buffer_total))
+    stats["buffer_loss"] = metrics_lib.Metric(buffer_loss * buffer_size,
+                                              buffer_size)
+  stats["loss"] = metrics_lib.Metric(total * main_total, main_size)
+  return total, stats
 
 
 def combine_metrics(metrics_A):
-  """Full-batch metrics from stacked per-microbatch metrics [A].
-
-  Losses (already scaled by their share), counts and tokens are summed. A
-  mean over a subset of the pairs (a key ending as in
-  ``losses.GROUP_COUNTS``) is weighted by that subset's counts; any other
-  mean by each microbatch's share of its stream (``buffer/share`` for
-  ``buffer/`` keys).
-  """
-  out = {}
-  for key, value in metrics_A.items():
-    prefix = "buffer/" if key.startswith("buffer/") else ""
-    name = key[len(prefix):]
-    if name in ("loss", "tokens") or key == "buffer_loss" or name.startswith(
-        "count/"):
-      out[key] = jnp.sum(value)
-      continue
-    if name == "share":
-      continue
-    ending = next((e for e in losses.GROUP_COUNTS if name.endswith("/" + e)),
-                  None)
-    if ending:
-      counts = sum(metrics_A[prefix + c] for c in losses.GROUP_COUNTS[ending])
-      out[key] = jnp.sum(value * counts) / jnp.maximum(jnp.sum(counts), 1.0)
-    else:
-      share = metrics_A[prefix + "share"]
-      out[key] = jnp.sum(value * share) / jnp.maximum(jnp.sum(share), 1e-12)
-  return out
+  """Full-batch metric values from per-microbatch ``(total, weight)`` pairs
+  stacked along a leading axis [A]: sum both, divide once."""
+  return metrics_lib.values(metrics_lib.merge(metrics_A))
 
 
 def _split_microbatches(batch, n, mesh):
@@ -382,7 +369,7 @@ def _accumulate(fn, state, batch, step_cfg, mesh):
   grad_fn = jax.value_and_grad(fn, has_aux=True)
   if step_cfg.accumulation_steps == 1:
     (_, metrics), grads = grad_fn(state.trainable, state, batch, denominators)
-    return grads, combine_metrics(jax.tree.map(lambda x: x[None], metrics))
+    return grads, metrics_lib.values(metrics)
 
   def body(grads, microbatch):
     (_, metrics), g = grad_fn(state.trainable, state, microbatch, denominators)
@@ -420,12 +407,17 @@ def train_step(state: TrainState, batch, *, model_cfg, step_cfg, optimizer,
   return new_state, metrics
 
 
-def eval_step(state: TrainState, batch, *, model_cfg, step_cfg, mesh=None):
-  """The same loss and metrics as :func:`train_step`, without updating."""
-  fn = functools.partial(microbatch_loss, model_cfg=model_cfg, step_cfg=step_cfg,
-                         mesh=mesh)
-  _, metrics = fn(state.trainable, state, batch, _denominators(batch, step_cfg))
-  return combine_metrics(jax.tree.map(lambda x: x[None], metrics))
+def eval_step(state: TrainState, batch, *, model_cfg, step_cfg, mesh=None,
+              reduce=True):
+  """The same loss and metrics as :func:`train_step`, without updating.
+
+  ``reduce=False`` returns them as ``(total, weight)`` pairs, to sum over many
+  eval batches before dividing (:func:`bfpo_jax.metrics.values`).
+  """
+  _, stats = microbatch_loss(state.trainable, state, batch,
+                             _denominators(batch, step_cfg),
+                             model_cfg=model_cfg, step_cfg=step_cfg, mesh=mesh)
+  return metrics_lib.values(stats) if reduce else stats
 
 
 def reference_logps_step(state: TrainState, batch, *, model_cfg, step_cfg,
@@ -505,10 +497,14 @@ def build_train_step(model_cfg, step_cfg: StepConfig, optimizer, *, mesh=None,
 
 
 def build_eval_step(model_cfg, step_cfg: StepConfig, *, mesh=None,
-                    shardings=None):
-  """``eval(state, batch) -> metrics``, jitted; nothing donated."""
+                    shardings=None, reduce=True):
+  """``eval(state, batch) -> metrics``, jitted; nothing donated.
+
+  ``reduce=False``: metrics as ``(total, weight)`` pairs (see
+  :func:`eval_step`).
+  """
   fn = functools.partial(eval_step, model_cfg=model_cfg, step_cfg=step_cfg,
-                         mesh=mesh)
+                         mesh=mesh, reduce=reduce)
   if mesh is None:
     return jax.jit(fn)
   fn = sharding.with_activation_sharding(fn, mesh)

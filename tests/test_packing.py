@@ -304,7 +304,7 @@ def test_precomputed_reference_and_eval_of_a_run_equal_padded(tmp_path):
   moved = state._replace(trainable=jax.tree.map(lambda x: x * 1.05,
                                                 state.trainable))
   eval_fn = ts.build_eval_step(model_cfg, step_cfg, mesh=mesh,
-                               shardings=shardings)
+                               shardings=shardings, reduce=False)
   runs = {}
   for layout in ("padded", "packed"):
     c.data.preference_layout = layout
