@@ -225,7 +225,7 @@ def time_layouts(layouts, step_batches, shape, warmup_note=print):
                       tie_word_embeddings=False)
   step_cfg = ts.StepConfig(stage="bfpo", beta=0.01, mode="selective",
                            chunk_size=shape["chunk_size"], buffer_weight=1.0,
-                           buffer_task="preference")
+                           buffer_task="preference", accumulation_steps=1)
   optimizer = optax.adamw(5e-7)
   params = init_params(cfg, jax.random.key(0))
   step = ts.build_train_step(cfg, step_cfg, optimizer)

@@ -75,7 +75,7 @@ def time_jax(shape, warmup, reps, profile_dir=None, remat="none"):
                       tie_word_embeddings=False, remat=remat != "none",
                       remat_policy="full" if remat == "none" else remat)
   step_cfg = ts.StepConfig(stage="bfpo", beta=0.01, mode="selective",
-                           chunk_size=shape["chunk_size"])
+                           chunk_size=shape["chunk_size"], accumulation_steps=1)
   optimizer = optax.adamw(5e-7)
   state, _ = ts.create_state(init_params(cfg, jax.random.key(0)), optimizer,
                              step_cfg, cfg)

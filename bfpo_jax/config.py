@@ -20,9 +20,9 @@ from bfpo_jax.data.tokenize import SFT_LOSSES, TEMPLATES, TRUNCATIONS
 from bfpo_jax.hub import is_hub_id
 from bfpo_jax.model.config import ATTENTION_IMPLS, REMAT_POLICIES
 from bfpo_jax.optimizer import OPTIMIZERS, SCHEDULES
-from bfpo_jax.train_step import STAGES
 from bfpo_jax.trainable import MODES
 
+STAGES = ("sft", "bfpo", "dpo", "ipo")  # what a run trains (train_step)
 DTYPES = ("float32", "bfloat16", "float16")
 
 METHOD_DEFAULTS = {
@@ -180,6 +180,24 @@ def loss_setting(config, name: str):
   if value is None:
     return METHOD_DEFAULTS.get(config.stage, METHOD_DEFAULTS["bfpo"])[name]
   return value
+
+
+def step_settings(config) -> dict:
+  """The static settings of a run's train step (``train_step.StepConfig``'s
+  fields) from its config: the one place the config maps onto the step."""
+  t = config.trainable
+  return dict(
+      stage=config.stage, beta=loss_setting(config, "beta"),
+      alpha=config.loss.alpha, b1=config.loss.b1,
+      label_smoothing=config.loss.label_smoothing,
+      average_logps=loss_setting(config, "average_logps"),
+      chunk_size=config.loss.chunk_size,
+      vocab_chunk_size=config.loss.vocab_chunk_size or None,
+      accumulation_steps=config.batch.accumulation,
+      buffer_weight=config.data.buffer_weight,
+      buffer_task=config.data.buffer_task, mode=t.mode,
+      lora_scale=t.lora_alpha / t.lora_rank,
+      precomputed_reference=config.loss.precompute_reference)
 
 
 def describe_loss(config) -> str:

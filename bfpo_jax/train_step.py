@@ -42,31 +42,40 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from bfpo_jax import losses, sharding
 from bfpo_jax import metrics as metrics_lib
+from bfpo_jax.config import STAGES, default_config, step_settings
 from bfpo_jax.model.mistral import apply_hidden, unembedding
 from bfpo_jax.trainable import combine, init_lora, lora_merge, split, trainable_mask
 
-STAGES = ("sft", "bfpo", "dpo", "ipo")
+_DEFAULTS = step_settings(default_config())
 
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-  """Static settings of a step (hashable; part of the jit cache key)."""
+  """Static settings of a step (hashable; part of the jit cache key).
 
-  stage: str = "bfpo"  # sft | bfpo | dpo | ipo
-  beta: float = 0.01  # tau of the paper; DPO/IPO users usually want 0.1
-  alpha: float = 0.5  # BFPO labeling shift
-  b1: float = 3.0  # BFPO labeling scale
-  label_smoothing: float = 0.0  # DPO only
-  average_logps: bool = False  # length-average the log-probs (IPO paper)
-  chunk_size: int = 256  # tokens per log-prob chunk; all-prompt/padding
-  # chunks skip the unembedding, so smaller chunks skip more
-  vocab_chunk_size: int | None = None  # also stream the vocabulary
-  accumulation_steps: int = 1  # microbatches per step
-  buffer_weight: float = 0.0  # weight of the buffer term; 0 = off
-  buffer_task: str = "sft"  # sft | preference: what the buffer batch holds
-  precomputed_reference: bool = False  # reference log-probs come in the batch
-  mode: str = "selective"  # full | selective | lora
-  lora_scale: float = 1.0  # alpha / rank
+  The defaults are those of :func:`bfpo_jax.config.default_config` (one BFPO
+  stage, 4 microbatches, selective fine-tuning); the config's comments say
+  what each one means. :meth:`from_config` maps a run's config.
+  """
+
+  stage: str = _DEFAULTS["stage"]  # sft | bfpo | dpo | ipo
+  beta: float = _DEFAULTS["beta"]  # tau of the paper
+  alpha: float = _DEFAULTS["alpha"]  # BFPO labeling shift
+  b1: float = _DEFAULTS["b1"]  # BFPO labeling scale
+  label_smoothing: float = _DEFAULTS["label_smoothing"]  # DPO only
+  average_logps: bool = _DEFAULTS["average_logps"]  # length-average log-probs
+  chunk_size: int = _DEFAULTS["chunk_size"]  # tokens per log-prob chunk
+  vocab_chunk_size: int | None = _DEFAULTS["vocab_chunk_size"]
+  accumulation_steps: int = _DEFAULTS["accumulation_steps"]  # microbatches
+  buffer_weight: float = _DEFAULTS["buffer_weight"]  # 0 = no buffer term
+  buffer_task: str = _DEFAULTS["buffer_task"]  # sft | preference
+  precomputed_reference: bool = _DEFAULTS["precomputed_reference"]
+  mode: str = _DEFAULTS["mode"]  # full | selective | lora
+  lora_scale: float = _DEFAULTS["lora_scale"]  # alpha / rank
+
+  @classmethod
+  def from_config(cls, config) -> StepConfig:
+    return cls(**step_settings(config))
 
   def __post_init__(self):
     if self.stage not in STAGES:

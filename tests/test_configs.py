@@ -8,8 +8,7 @@ import os
 
 import pytest
 
-from bfpo_jax.config import ENUMERATED, ConfigError, default_config, validate
-from bfpo_jax.train_step import STAGES
+from bfpo_jax.config import ENUMERATED, STAGES, ConfigError, default_config, validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # file -> (its get_config arguments, the devices its mesh and batch are for)
