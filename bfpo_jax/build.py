@@ -10,11 +10,16 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Callable
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from bfpo_jax import sharding
+from bfpo_jax import train_step as ts
+from bfpo_jax import trainable as trainable_lib
 from bfpo_jax.config import (
   ConfigError,
   data_parallel_size,
@@ -22,7 +27,7 @@ from bfpo_jax.config import (
   pack_length,
 )
 from bfpo_jax.data import packing, pipeline
-from bfpo_jax.data.sources import SourceSpec
+from bfpo_jax.data.sources import DataError, SourceSpec
 from bfpo_jax.model_source import (  # noqa: F401 -- build's public names
   EXPORT_DIR,
   PEFT_DIR,
@@ -36,23 +41,11 @@ from bfpo_jax.model_source import (  # noqa: F401 -- build's public names
   with_peft_settings,
 )
 from bfpo_jax.optimizer import make_optimizer
-from bfpo_jax.train_step import StepConfig, pair_logps
+from bfpo_jax.train_step import StepConfig, TrainState, pair_logps
 
 
 def step_config(config) -> StepConfig:
-  t = config.trainable
-  return StepConfig(
-      stage=config.stage, beta=loss_setting(config, "beta"),
-      alpha=config.loss.alpha, b1=config.loss.b1,
-      label_smoothing=config.loss.label_smoothing,
-      average_logps=loss_setting(config, "average_logps"),
-      chunk_size=config.loss.chunk_size,
-      vocab_chunk_size=config.loss.vocab_chunk_size or None,
-      accumulation_steps=config.batch.accumulation,
-      buffer_weight=config.data.buffer_weight,
-      buffer_task=config.data.buffer_task, mode=t.mode,
-      lora_scale=t.lora_alpha / t.lora_rank,
-      precomputed_reference=config.loss.precompute_reference)
+  return StepConfig.from_config(config)
 
 
 @dataclasses.dataclass
@@ -319,3 +312,112 @@ def global_batch(batch, mesh):
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(spec, np.asarray(x)),
       batch)
+
+
+def train_state(config, model_cfg, step_cfg, params, optimizer, mesh,
+                lora=None):
+  """The run's sharded :class:`TrainState` and its shardings."""
+  return ts.create_state(
+      params, optimizer, step_cfg, model_cfg,
+      pattern=config.trainable.pattern or None,
+      lora_rank=config.trainable.lora_rank, rng=jax.random.key(config.seed),
+      mesh=mesh, lora=lora)
+
+
+def memory_estimate(config, model_cfg, mesh) -> dict:
+  """Bytes per device the run will need (:func:`sharding.memory_report`)."""
+  return sharding.memory_report(
+      model_cfg, dict(mesh.shape), mode=config.trainable.mode,
+      pattern=config.trainable.pattern or None,
+      lora_rank=config.trainable.lora_rank, optimizer=config.optimizer.name,
+      pairs_per_device=config.batch.per_device, seq_len=config.data.max_length,
+      frozen_dtype=jnp.dtype(config.model.param_dtype),
+      compute_dtype=jnp.dtype(config.model.dtype),
+      chunk_size=config.loss.chunk_size,
+      remat_policy=config.model.remat_policy,
+      layout="padded" if config.stage == "sft" else config.data.preference_layout,
+      pack_length=pack_length(config))
+
+
+def empty_sources(config, report) -> list[str]:
+  """Refuses a source with no usable rows unless allowed; else a warning."""
+  empty = [f"{name} ({v['rows_read']} rows read, "
+           f"{sum(v['rows_skipped'].values())} skipped)"
+           for name, v in report.items() if not v.get("rows_used")]
+  if not empty:
+    return []
+  if not config.data.allow_empty_sources:
+    raise DataError(f"data: {'; '.join(empty)}: no usable rows; fix the "
+                    "source or set --config.data.allow_empty_sources=True to "
+                    "train on the others")
+  return [f"warning: empty data source {e}; training on the others"
+          for e in empty]
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything a training run holds before its first step (:func:`setup`)."""
+
+  config: Any  # with a PEFT init_from's settings applied
+  mesh: jax.sharding.Mesh
+  tokenizer: Any
+  model_cfg: Any
+  step_cfg: StepConfig
+  data: RunData
+  steps: int  # optimizer steps of the whole run
+  state: TrainState  # at step 0, sharded
+  train_fn: Callable  # (state, batch) -> (state, metrics)
+  eval_fn: Callable  # (state, batch) -> metrics as (total, weight) pairs
+  memory: dict  # the per-device estimate of :func:`memory_estimate`
+  notes: list[str]  # lines for the log: warnings, what was precomputed
+
+
+def setup(config, workdir: str) -> Run:
+  """Mesh, tokenizer, data, model, optimizer, state and jitted steps.
+
+  Writes ``data_report.json`` and the resolved ``config.json`` to
+  ``workdir`` (process 0). Bad data or config stop here, with one line,
+  before the first step.
+  """
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp,
+                            config.mesh.tensor)
+  check_model_source(config)
+  config, notes = with_peft_settings(config)
+  tokenizer = tokenizer_for(config)
+  examples = load_examples(config, tokenizer)
+  notes += empty_sources(config, examples.report)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "data_report.json"), "w") as f:
+      json.dump(examples.report, f, indent=2)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json(indent=2))
+  model_cfg, params = load_model(config, mesh)
+  if len(tokenizer) > model_cfg.vocab_size:
+    raise ConfigError(f"tokenizer: {len(tokenizer)} tokens exceed the model's "
+                      f"vocab_size {model_cfg.vocab_size}")
+  steps = total_steps(config, examples)
+  optimizer = optimizer_for(config, steps)
+  step_cfg = step_config(config)
+  lora = initial_lora(config, model_cfg)
+  if step_cfg.precomputed_reference:
+    reference = params if lora is None else jax.jit(
+        trainable_lib.lora_merge, static_argnums=2)(params, lora,
+                                                    step_cfg.lora_scale)
+    from_cache = attach_reference_logps(
+        config, model_cfg, step_cfg, reference, examples, mesh,
+        os.path.join(workdir, "reference_logps.npz"))
+    del reference
+    notes.append("reference log-probs: "
+                 + ("from cache" if from_cache else "precomputed"))
+  data = make_data(config, examples, jax.device_count())
+  state, shardings = train_state(config, model_cfg, step_cfg, params,
+                                 optimizer, mesh, lora)
+  del params, lora
+  return Run(
+      config=config, mesh=mesh, tokenizer=tokenizer, model_cfg=model_cfg,
+      step_cfg=step_cfg, data=data, steps=steps, state=state,
+      train_fn=ts.build_train_step(model_cfg, step_cfg, optimizer, mesh=mesh,
+                                   shardings=shardings),
+      eval_fn=ts.build_eval_step(model_cfg, step_cfg, mesh=mesh,
+                                 shardings=shardings, reduce=False),
+      memory=memory_estimate(config, model_cfg, mesh), notes=notes)

@@ -95,12 +95,11 @@ def quiet_orbax_tracebacks(handler: logging.Handler) -> None:
 
 
 class Checkpointer:
-  """Async saves every N steps, keep-last-K, restore of the newest good one."""
+  """Async saves, keep-last-K, restore of the newest good one. When to save
+  is the loop's choice (``train.itstime``)."""
 
-  def __init__(self, directory: str, *, every_steps: int, keep: int,
-               async_save: bool = True):
+  def __init__(self, directory: str, *, keep: int, async_save: bool = True):
     self.directory = os.path.abspath(directory)
-    self.every_steps = every_steps
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -112,9 +111,6 @@ class Checkpointer:
   @property
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
-
-  def due(self, step: int) -> bool:
-    return self.every_steps > 0 and step % self.every_steps == 0
 
   def save(self, state: TrainState, meta: dict, *, force=False):
     """Saves at ``state.step`` (in the background unless ``force``).

@@ -8,12 +8,14 @@ recorded in the workdir.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 
 import jax
 
 from bfpo_jax import build
 from bfpo_jax.config import ConfigError, loss_setting
+from bfpo_jax.workdir import record_changes
 
 
 def resume_fingerprint(config) -> dict:
@@ -74,3 +76,34 @@ def check_same_run(expected, workdir, meta):
     raise ConfigError(
         f"{workdir} holds checkpoints of a different run ({', '.join(changed)} "
         "changed); use a new --workdir or the original config")
+
+
+def restore(ckpt, state, iterator, config, workdir):
+  """Resumes a run from its newest checkpoint that reads cleanly.
+
+  Refuses a checkpoint of another run (:func:`check_same_run`), moves
+  damaged ones aside, puts the data ``iterator`` back where it was, and warns
+  of changed :func:`resume_settings` (recorded in
+  ``workdir/resume_changes.jsonl``).
+
+  Returns:
+    ``(state, counters, notes)``: the restored state (``state`` itself when
+    there is no checkpoint), the saved non-finite counters (``None`` if
+    none) and lines for the log.
+  """
+  restored = ckpt.restore(state, functools.partial(
+      check_same_run, fingerprint(config, state), workdir))
+  if restored is None:
+    return state, None, []
+  state, meta, notes = restored
+  iterator.set_state(meta["data_iterator"])
+  step = int(jax.device_get(state.step))
+  changed = changed_settings(meta, resume_settings(config))
+  if changed:
+    notes.append("warning: resuming with changed settings: " + ", ".join(
+        f"{k} {a} -> {b}" for k, (a, b) in changed.items())
+        + f" (recorded in {workdir}/resume_changes.jsonl)")
+    if jax.process_index() == 0:
+      record_changes(workdir, step, changed)
+  notes.append(f"resumed from checkpoint at step {step}")
+  return state, meta["counters"], notes

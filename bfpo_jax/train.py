@@ -54,14 +54,13 @@ from bfpo_jax.config import (
   default_config,
   describe_loss,
   loss_setting,
-  pack_length,
   validate,
 )
 from bfpo_jax.data.sources import DataError
 from bfpo_jax.data.tokenize import CHAT_TEMPLATE
 from bfpo_jax.model.hf_io import save_hf
 from bfpo_jax.resume import resume_fingerprint  # noqa: F401 -- public name
-from bfpo_jax.workdir import Logger, WorkdirError, hold, record_changes, start_wandb
+from bfpo_jax.workdir import Logger, WorkdirError, hold, start_wandb
 
 config_flags.DEFINE_config_file("config", None, "Python config file with "
                                 "get_config().", lock_config=True)
@@ -174,21 +173,6 @@ def export(config, model_cfg, state, step_cfg, tokenizer, workdir,
   return out
 
 
-def _empty_sources(config, report) -> list[str]:
-  """Refuses a source with no usable rows unless allowed; else a warning."""
-  empty = [f"{name} ({v['rows_read']} rows read, "
-           f"{sum(v['rows_skipped'].values())} skipped)"
-           for name, v in report.items() if not v.get("rows_used")]
-  if not empty:
-    return []
-  if not config.data.allow_empty_sources:
-    raise DataError(f"data: {'; '.join(empty)}: no usable rows; fix the "
-                    "source or set --config.data.allow_empty_sources=True to "
-                    "train on the others")
-  return [f"warning: empty data source {e}; training on the others"
-          for e in empty]
-
-
 def run(config, workdir: str) -> dict:
   """Trains one stage; returns a summary dict (also written to workdir)."""
   validate(config, jax.device_count())
@@ -199,84 +183,132 @@ def run(config, workdir: str) -> dict:
     lock.release()
 
 
+def itstime(step: int, every: int, last_step: int) -> bool:
+  """Whether a periodic action (log, eval, checkpoint) falls on ``step``:
+  every ``every``-th step (0 = never) and always the ``last_step``."""
+  return step == last_step or (every > 0 and step % every == 0)
+
+
+class Loop:
+  """The training loop and what it carries from step to step.
+
+  Holds the train state, the data iterator, the non-finite counters, the
+  metrics of dispatched steps whose lines are not written yet, and the logger
+  and checkpointer those go to. A step's metrics are read one step late, so
+  the host never waits for the device between dispatches.
+  """
+
+  def __init__(self, run: build.Run, ckpt: Checkpointer, log: Logger,
+               iterator, counters=None):
+    self.run, self.ckpt, self.log, self.iterator = run, ckpt, log, iterator
+    self.config = run.config
+    self.state = run.state
+    self.counters = dict(counters or {"nonfinite_total": 0,
+                                      "nonfinite_in_a_row": 0})
+    self.fingerprint = resume.fingerprint(run.config, run.state)
+    self.settings = resume.resume_settings(run.config)
+    self.pending = []  # (step, metrics, tokens, data_s) not yet written
+    self.last_time = time.perf_counter()
+    self.last_eval = None
+    self.stop_signal = None
+
+  def meta(self) -> dict:
+    """What a checkpoint stores beside the state."""
+    return {"data_iterator": self.iterator.get_state(),
+            "counters": dict(self.counters), "fingerprint": self.fingerprint,
+            "settings": self.settings}
+
+  def _record(self, step, metrics, tokens, data_s):
+    self.ckpt.check()  # a failed save stops the run before later lines
+    metrics = jax.device_get(metrics)  # blocks until that step is done
+    now = time.perf_counter()
+    seconds, self.last_time = now - self.last_time, now
+    if metrics["nonfinite"]:
+      self.counters["nonfinite_total"] += 1
+      self.counters["nonfinite_in_a_row"] += 1
+      self.log.info(f"step {step}: non-finite loss or gradient; update "
+                    f"skipped ({self.counters['nonfinite_in_a_row']} in a row)")
+    else:
+      self.counters["nonfinite_in_a_row"] = 0
+    if itstime(step, self.config.log_every_steps, self.run.steps):
+      # data_s: host time spent getting this step's batch, while the
+      # previous step ran; step_s: wall time between two finished steps.
+      metrics = dict(metrics, tokens_per_s=tokens / max(seconds, 1e-9),
+                     data_s=data_s, step_s=seconds)
+      self.log.write(step, metrics)
+    self.log.progress(step, metrics, tokens / max(seconds, 1e-9))
+
+  def flush(self, keep=0, check=True):
+    """Writes the lines of all but the ``keep`` newest pending steps."""
+    while len(self.pending) > keep:
+      step = self.pending[0][0]
+      self._record(*self.pending.pop(0))
+      in_a_row = self.counters["nonfinite_in_a_row"]
+      if check and in_a_row >= self.config.max_consecutive_nonfinite:
+        raise NonFiniteError(f"{in_a_row} non-finite steps in a row at step "
+                             f"{step}")
+
+  def evaluate(self):
+    self.last_eval = evaluate(self.run.eval_fn, self.state, self.run.data,
+                              self.run.mesh)
+    return self.last_eval
+
+  def step(self, step: int) -> None:
+    """Dispatches one step; writes the previous step's line meanwhile."""
+    tick = time.perf_counter()
+    local = next(self.iterator)
+    tokens = sum(int(np.sum(v)) for k, v in local.items()
+                 if k.endswith("attention_mask")) * jax.process_count()
+    batch = build.global_batch(local, self.run.mesh)
+    data_s = time.perf_counter() - tick
+    self.state, metrics = self.run.train_fn(self.state, batch)
+    self.pending.append((step, metrics, tokens, data_s))
+    self.flush(keep=1)
+
+  def train(self) -> str:
+    """Runs to the last step or a stop signal; returns the status."""
+    c, steps = self.config, self.run.steps
+    start = int(jax.device_get(self.state.step))
+    for step in range(start + 1, steps + 1):
+      self.step(step)
+      stopping = self.stop_signal is not None
+      eval_due = itstime(step, c.eval_every_steps, steps)
+      save_due = itstime(step, c.checkpoint_every_steps, steps) or stopping
+      if eval_due or save_due:
+        # A checkpoint at this step must find its lines already written:
+        # a kill after it commits would otherwise lose them for good.
+        self.flush()
+      if eval_due:
+        self.log.write(step, self.evaluate(), prefix="eval/")
+      if save_due:
+        self.log.sync()
+        self.ckpt.save(self.state, self.meta(), force=step == steps or stopping)
+      if stopping:
+        return f"stopped by {self.stop_signal}"
+    return "finished"
+
+  def on_signal(self, signum, _):
+    self.stop_signal = signal.Signals(signum).name
+
+  def save_after_nonfinite(self, error: NonFiniteError):
+    self.flush(check=False)
+    self.ckpt.save(self.state, self.meta(), force=True)
+    self.ckpt.close()
+    self.log.close()
+    raise ConfigError(f"training stopped: {error}; checkpoint saved at step "
+                      f"{int(jax.device_get(self.state.step))}") from None
+
+
 def _train(config, workdir: str) -> dict:
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp,
-                            config.mesh.tensor)
-  build.check_model_source(config)
-  config, notes = build.with_peft_settings(config)
-  tokenizer = build.tokenizer_for(config)
-  examples = build.load_examples(config, tokenizer)
-  notes += _empty_sources(config, examples.report)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "data_report.json"), "w") as f:
-      json.dump(examples.report, f, indent=2)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json(indent=2))
-  model_cfg, params = build.load_model(config, mesh)
-  if len(tokenizer) > model_cfg.vocab_size:
-    raise ConfigError(f"tokenizer: {len(tokenizer)} tokens exceed the model's "
-                      f"vocab_size {model_cfg.vocab_size}")
-  steps = build.total_steps(config, examples)
-  optimizer = build.optimizer_for(config, steps)
-  step_cfg = build.step_config(config)
-  lora = build.initial_lora(config, model_cfg)
-  if step_cfg.precomputed_reference:
-    reference = params if lora is None else jax.jit(
-        trainable.lora_merge, static_argnums=2)(params, lora,
-                                                step_cfg.lora_scale)
-    from_cache = build.attach_reference_logps(
-        config, model_cfg, step_cfg, reference, examples, mesh,
-        os.path.join(workdir, "reference_logps.npz"))
-    del reference
-    notes.append("reference log-probs: "
-                 + ("from cache" if from_cache else "precomputed"))
-  data = build.make_data(config, examples, jax.device_count())
-  state, shardings = ts.create_state(
-      params, optimizer, step_cfg, model_cfg, pattern=config.trainable.pattern or None,
-      lora_rank=config.trainable.lora_rank, rng=jax.random.key(config.seed),
-      mesh=mesh, lora=lora)
-  del params, lora
-
+  run = build.setup(config, workdir)
+  config = run.config
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
-                      every_steps=config.checkpoint_every_steps,
                       keep=config.keep_checkpoints)
-  iterator = iter(data.train.to_iter_dataset())
-  counters = {"nonfinite_total": 0, "nonfinite_in_a_row": 0}
-  fingerprint = resume.fingerprint(config, state)
-  settings = resume.resume_settings(config)
-  restored = ckpt.restore(state, functools.partial(resume.check_same_run,
-                                                   fingerprint, workdir))
-  resumed = None
-  if restored is not None:
-    state, meta, skipped = restored
-    iterator.set_state(meta["data_iterator"])
-    counters.update(meta["counters"])
-    resumed = int(jax.device_get(state.step))
-    notes += skipped
-    changed = resume.changed_settings(meta, settings)
-    if changed:
-      notes.append("warning: resuming with changed settings: " + ", ".join(
-          f"{k} {a} -> {b}" for k, (a, b) in changed.items())
-          + f" (recorded in {workdir}/resume_changes.jsonl)")
-      if jax.process_index() == 0:
-        record_changes(workdir, resumed, changed)
-  start = int(jax.device_get(state.step))
-
-  train_fn = ts.build_train_step(model_cfg, step_cfg, optimizer, mesh=mesh,
-                                 shardings=shardings)
-  eval_fn = ts.build_eval_step(model_cfg, step_cfg, mesh=mesh,
-                               shardings=shardings, reduce=False)
-  memory = sharding.memory_report(
-      model_cfg, dict(mesh.shape), mode=config.trainable.mode,
-      pattern=config.trainable.pattern or None,
-      lora_rank=config.trainable.lora_rank, optimizer=config.optimizer.name,
-      pairs_per_device=config.batch.per_device, seq_len=config.data.max_length,
-      frozen_dtype=jnp.dtype(config.model.param_dtype),
-      compute_dtype=jnp.dtype(config.model.dtype),
-      chunk_size=config.loss.chunk_size,
-      remat_policy=config.model.remat_policy,
-      layout="padded" if config.stage == "sft" else config.data.preference_layout,
-      pack_length=pack_length(config))
+  iterator = iter(run.data.train.to_iter_dataset())
+  run.state, counters, resume_notes = resume.restore(ckpt, run.state, iterator,
+                                                     config, workdir)
+  start = int(jax.device_get(run.state.step))
+  notes = run.notes + resume_notes
   wandb_run = start_wandb(config, workdir, {
       "effective/loss.beta": loss_setting(config, "beta"),
       "effective/loss.average_logps": loss_setting(config, "average_logps")})
@@ -284,95 +316,21 @@ def _train(config, workdir: str) -> dict:
     notes.append(f"wandb: run {wandb_run.name} (" + (
         f"offline, in {wandb_run.dir}" if wandb_run.offline else wandb_run.url)
         + ")")
-  log = Logger(workdir, config.stage, steps, start, resumed, wandb_run)
-  log.info(_summary(config, mesh, model_cfg, state, data, steps, memory))
+  log = Logger(workdir, config.stage, run.steps, start,
+               start if counters is not None else None, wandb_run)
+  log.info(_summary(config, run.mesh, run.model_cfg, run.state, run.data,
+                    run.steps, run.memory))
   for note in notes:
     log.info(note)
-  if resumed is not None:
-    log.info(f"resumed from checkpoint at step {resumed}")
   log.start_progress()
 
-  stop = {"signal": None}
-
-  def on_signal(signum, _):
-    stop["signal"] = signal.Signals(signum).name
-
-  previous = {s: signal.signal(s, on_signal)
+  loop = Loop(run, ckpt, log, iterator, counters)
+  previous = {s: signal.signal(s, loop.on_signal)
               for s in (signal.SIGTERM, signal.SIGINT)}
-
-  def meta():
-    return {"data_iterator": iterator.get_state(), "counters": dict(counters),
-            "fingerprint": fingerprint, "settings": settings}
-
-  clock = {"last": time.perf_counter()}
-  pending = []  # dispatched steps whose metrics line is not written yet
-
-  def record(step, metrics, tokens, data_s):
-    ckpt.check()  # a failed save stops the run before later steps are logged
-    metrics = jax.device_get(metrics)  # blocks until that step is done
-    now = time.perf_counter()
-    seconds, clock["last"] = now - clock["last"], now
-    if metrics["nonfinite"]:
-      counters["nonfinite_total"] += 1
-      counters["nonfinite_in_a_row"] += 1
-      log.info(f"step {step}: non-finite loss or gradient; update skipped "
-               f"({counters['nonfinite_in_a_row']} in a row)")
-    else:
-      counters["nonfinite_in_a_row"] = 0
-    if step % config.log_every_steps == 0 or step == steps:
-      # data_s: host time spent getting this step's batch, while the
-      # previous step ran; step_s: wall time between two finished steps.
-      metrics = dict(metrics, tokens_per_s=tokens / max(seconds, 1e-9),
-                     data_s=data_s, step_s=seconds)
-      log.write(step, metrics)
-    log.progress(step, metrics, tokens / max(seconds, 1e-9))
-    return step
-
-  def flush(keep=0, check=True):
-    """Writes the lines of all but the ``keep`` newest pending steps."""
-    while len(pending) > keep:
-      step = record(*pending.pop(0))
-      if check and (counters["nonfinite_in_a_row"]
-                    >= config.max_consecutive_nonfinite):
-        raise NonFiniteError(f"{counters['nonfinite_in_a_row']} non-finite "
-                             f"steps in a row at step {step}")
-
-  status, last_eval = "finished", None
   try:
-    for step in range(start + 1, steps + 1):
-      tick = time.perf_counter()
-      local = next(iterator)
-      tokens = sum(int(np.sum(v)) for k, v in local.items()
-                   if k.endswith("attention_mask")) * jax.process_count()
-      batch = build.global_batch(local, mesh)
-      data_s = time.perf_counter() - tick
-      state, metrics = train_fn(state, batch)
-      pending.append((step, metrics, tokens, data_s))
-      flush(keep=1)  # the previous step's, read after dispatching this one
-      stopping = stop["signal"] is not None
-      eval_due = step == steps or (config.eval_every_steps > 0 and
-                                   step % config.eval_every_steps == 0)
-      save_due = ckpt.due(step) or step == steps or stopping
-      if eval_due or save_due:
-        # A checkpoint at this step must find its lines already written:
-        # a kill after it commits would otherwise lose them for good.
-        flush()
-      if eval_due:
-        last_eval = evaluate(eval_fn, state, data, mesh)
-        log.write(step, last_eval, prefix="eval/")
-      if save_due:
-        log.sync()
-        ckpt.save(state, meta(), force=step == steps or stopping)
-      if stopping:
-        status = f"stopped by {stop['signal']}"
-        break
+    status = loop.train()
   except NonFiniteError as e:
-    flush(check=False)
-    ckpt.save(state, meta(), force=True)
-    ckpt.close()
-    log.close()
-    raise ConfigError(f"training stopped: {e}; checkpoint saved at step "
-                      f"{int(jax.device_get(state.step))}") from None
+    loop.save_after_nonfinite(e)
   except BaseException:
     log.close()  # the progress bar ends before the error line
     raise
@@ -382,20 +340,21 @@ def _train(config, workdir: str) -> dict:
 
   ckpt.close()
   log.stop_progress()
-  final_step = int(jax.device_get(state.step))
-  summary = {"status": status, "step": final_step, "steps": steps,
-             "nonfinite_steps": counters["nonfinite_total"]}
+  final_step = int(jax.device_get(loop.state.step))
+  summary = {"status": status, "step": final_step, "steps": run.steps,
+             "nonfinite_steps": loop.counters["nonfinite_total"]}
   if status == "finished":
-    if last_eval is None:  # resumed at the end; its eval line is written
-      last_eval = evaluate(eval_fn, state, data, mesh)
+    # Resumed at the end, the loop ran no step: its eval line is written.
+    last_eval = loop.last_eval if loop.last_eval is not None else loop.evaluate()
     summary["eval"] = {k: float(v) for k, v in last_eval.items()}
     if config.export_hf:
       export_notes = []
-      summary["export"] = export(config, model_cfg, state, step_cfg,
-                                 tokenizer, workdir, summary, export_notes)
+      summary["export"] = export(config, run.model_cfg, loop.state,
+                                 run.step_cfg, run.tokenizer, workdir, summary,
+                                 export_notes)
       for note in export_notes:
         log.info(note)
-  log.info(f"{status} at step {final_step}/{steps}; workdir {workdir}")
+  log.info(f"{status} at step {final_step}/{run.steps}; workdir {workdir}")
   log.close()
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
@@ -417,13 +376,11 @@ def export_only(config, workdir: str) -> str:
     step_cfg = build.step_config(config)
     # The schedule's length changes values, not the optimizer state's layout.
     optimizer = build.optimizer_for(config, max(config.max_steps, 1))
-    state, _ = ts.create_state(
-        params, optimizer, step_cfg, model_cfg,
-        pattern=config.trainable.pattern or None,
-        lora_rank=config.trainable.lora_rank, rng=jax.random.key(config.seed),
-        mesh=mesh, lora=build.initial_lora(config, model_cfg))
+    state, _ = build.train_state(config, model_cfg, step_cfg, params,
+                                 optimizer, mesh,
+                                 build.initial_lora(config, model_cfg))
     del params
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=0,
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
                         keep=config.keep_checkpoints)
     restored = ckpt.restore(state, functools.partial(
         resume.check_same_run, resume.fingerprint(config, state), workdir))

@@ -222,8 +222,7 @@ def test_workdir_reads_its_newest_state(tmp_path, folder):
   state = state._replace(trainable=jax.tree.map(  # a trained-looking B
       lambda x: 0.05 * jax.random.normal(next(keys), x.shape), state.trainable))
   workdir = str(tmp_path / "run")
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=1,
-                      keep=2, async_save=False)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=2, async_save=False)
   ckpt.save(state, {"fingerprint": resume_fingerprint(config),
                     "data_iterator": {}, "counters": {}}, force=True)
   ckpt.close()

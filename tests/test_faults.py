@@ -116,8 +116,8 @@ def test_nonfinite_values_are_written_as_null():
 
 
 def test_an_empty_source_is_refused_unless_allowed():
+  from bfpo_jax.build import empty_sources
   from bfpo_jax.data.sources import DataError
-  from bfpo_jax.train import _empty_sources
   from configs import tiny
 
   report = {"ultrafeedback:a": {"rows_read": 9, "rows_used": 9,
@@ -127,9 +127,9 @@ def test_an_empty_source_is_refused_unless_allowed():
   config = tiny.get_config()
   with pytest.raises(DataError, match=r"pku_saferlhf:b \(2 rows read, 2 "
                      r"skipped\): no usable rows"):
-    _empty_sources(config, report)
+    empty_sources(config, report)
   config.data.allow_empty_sources = True
-  assert _empty_sources(config, report) == [
+  assert empty_sources(config, report) == [
       "warning: empty data source pku_saferlhf:b (2 rows read, 2 skipped); "
       "training on the others"]
 
@@ -164,14 +164,14 @@ def _truncate_largest_file(folder):
 
 def test_the_newest_checkpoint_that_reads_cleanly_is_restored(tmp_path):
   directory = str(tmp_path / "checkpoints")
-  ckpt = Checkpointer(directory, every_steps=1, keep=3)
+  ckpt = Checkpointer(directory, keep=3)
   for step in (1, 2, 3):
     ckpt.save(_state(step, offset=step), {"at": step}, force=True)
   ckpt.close()
   _truncate_largest_file(f"{directory}/3")
   os.remove(f"{directory}/2/meta/metadata")
 
-  ckpt = Checkpointer(directory, every_steps=1, keep=3)
+  ckpt = Checkpointer(directory, keep=3)
   state, meta, notes = ckpt.restore(_state(0))
   assert int(state.step) == 1 and meta == {"at": 1}
   np.testing.assert_array_equal(state.trainable["w"], _state(0, 1.0).trainable["w"])
@@ -186,19 +186,19 @@ def test_the_newest_checkpoint_that_reads_cleanly_is_restored(tmp_path):
 
 def test_no_readable_checkpoint_is_one_line(tmp_path):
   directory = str(tmp_path / "checkpoints")
-  ckpt = Checkpointer(directory, every_steps=1, keep=3)
+  ckpt = Checkpointer(directory, keep=3)
   ckpt.save(_state(1), {}, force=True)
   ckpt.close()
   _truncate_largest_file(f"{directory}/1")
   with pytest.raises(RestoreError) as e:
-    Checkpointer(directory, every_steps=1, keep=3).restore(_state(0))
+    Checkpointer(directory, keep=3).restore(_state(0))
   assert "no checkpoint" in str(e.value) and "step 1" in str(e.value)
   assert "\n" not in str(e.value)
   assert os.listdir(directory) == ["1"]  # nothing moved when none reads
 
 
 def test_a_failed_background_save_is_reported_at_the_next_check(tmp_path):
-  ckpt = Checkpointer(str(tmp_path / "checkpoints"), every_steps=1, keep=3)
+  ckpt = Checkpointer(str(tmp_path / "checkpoints"), keep=3)
   ckpt.save(_state(1), {}, force=True)
   soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
   # Files of at most 64 KiB: every write of the 256 KiB arrays fails, as on

@@ -84,7 +84,7 @@ def _latest_checkpoint(workdir):
   directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory):
     return None, {}
-  ckpt = Checkpointer(directory, every_steps=0, keep=None, async_save=False)
+  ckpt = Checkpointer(directory, keep=None, async_save=False)
   try:
     step = ckpt.latest_step
     return step, ({} if step is None else ckpt.fingerprint())
