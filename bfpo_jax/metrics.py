@@ -52,6 +52,7 @@ def merge(metrics_A, axis: int = 0):
   return jax.tree.map(lambda x: jnp.sum(x, axis=axis), metrics_A)
 
 
+@jax.jit  # one dispatch, and no implicit host->device copy of constants
 def values(metrics) -> dict:
   """``{name: total / weight}``; totals of weight 0 pass through."""
   out = {}

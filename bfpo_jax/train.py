@@ -118,11 +118,13 @@ def evaluate(eval_fn, state, data, mesh):
   """
   if not data.eval_batches:
     return {}
-  per_batch = [jax.device_get(eval_fn(state, build.global_batch(b, mesh)))
-               for b in data.eval_batches]
-  summed = jax.tree.map(lambda *xs: np.sum(xs, axis=0), *per_batch)
+  summed = None  # on the devices: one copy to the host at the end
+  for b in data.eval_batches:
+    stats = eval_fn(state, build.global_batch(b, mesh))
+    summed = stats if summed is None else jax.tree.map(jnp.add, summed, stats)
   summed.pop("tokens", None)
-  return {k: float(v) for k, v in metrics_lib.values(summed).items()}
+  return {k: float(v) for k, v in
+          jax.device_get(metrics_lib.values(summed)).items()}
 
 
 def _read_json(path):
