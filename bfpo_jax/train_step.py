@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from bfpo_jax import losses, sharding
+from bfpo_jax import logprobs, losses, sharding
 from bfpo_jax.model.mistral import apply_hidden, unembedding
 from bfpo_jax.trainable import combine, init_lora, lora_merge, split, trainable_mask
 
@@ -131,14 +131,14 @@ def _logps_from_hidden(hidden, w, labels, loss_mask, *, step_cfg, per_token,
   kwargs = dict(chunk_size=step_cfg.chunk_size,
                 vocab_chunk_size=step_cfg.vocab_chunk_size)
   if per_token:
-    return losses.chunked_token_logps(hidden, w, labels, mask=loss_mask,
-                                      **kwargs)
-  logps = losses.chunked_sequence_logps(hidden, w, labels, loss_mask,
-                                        average=step_cfg.average_logps,
+    return logprobs.chunked_token_logps(hidden, w, labels, mask=loss_mask,
                                         **kwargs)
+  logps = logprobs.chunked_sequence_logps(hidden, w, labels, loss_mask,
+                                          average=step_cfg.average_logps,
+                                          **kwargs)
   if with_logits:
-    return logps, losses.mean_logits(jax.lax.stop_gradient(hidden), w,
-                                     loss_mask)
+    return logps, logprobs.mean_logits(jax.lax.stop_gradient(hidden), w,
+                                       loss_mask)
   return logps
 
 
@@ -148,7 +148,7 @@ def sequence_logps(model_cfg, step_cfg, params, input_ids, attention_mask,
   """[B] response log-probs (or [B, T-1] per token) via the chunked path.
 
   ``with_logits`` also returns each row's mean logit over its response
-  positions (``losses.mean_logits``), as ``(logps, mean_logits)``.
+  positions (``logprobs.mean_logits``), as ``(logps, mean_logits)``.
 
   With a ``mesh``, the log-probs run per device on its own rows
   (``shard_map`` over the batch axes, the output matrix gathered whole):
@@ -173,7 +173,7 @@ def packed_pair_logps(model_cfg, step_cfg, params, batch, mesh=None, *,
   """Chosen and rejected [B, M] log-probs of packed rows, one forward.
 
   Each pair's prompt runs once, its two responses beside it; see
-  ``data.packing`` and ``losses.packed_pair_logps``. With a ``mesh`` the
+  ``data.packing`` and ``logprobs.packed_pair_logps``. With a ``mesh`` the
   log-probs run per device on its own rows, as in :func:`sequence_logps`.
   """
   hidden = apply_hidden(model_cfg, params, batch["input_ids"],
@@ -182,7 +182,7 @@ def packed_pair_logps(model_cfg, step_cfg, params, batch, mesh=None, *,
                         branch_ids=batch["branch_ids"])
   w = unembedding(model_cfg, params).astype(model_cfg.dtype)
   fn = functools.partial(
-      losses.packed_pair_logps, num_slots=batch["weight"].shape[1],
+      logprobs.packed_pair_logps, num_slots=batch["weight"].shape[1],
       chunk_size=step_cfg.chunk_size, average=step_cfg.average_logps,
       vocab_chunk_size=step_cfg.vocab_chunk_size, with_logits=with_logits)
   if mesh is not None:

@@ -8,7 +8,7 @@ two kinds of compiled function, one per shape it meets:
 * ``score``: final hidden states (:func:`bfpo_jax.model.apply_hidden`), the
   scored positions' gathered, then the chunked log-probs with argmax flags
   per device on its own rows
-  (:func:`bfpo_jax.losses.chunked_token_logps_and_greedy`; no [B, T, V]
+  (:func:`bfpo_jax.logprobs.chunked_token_logps_and_greedy`; no [B, T, V]
   logits, and no logits at all for context tokens).
 * ``prefill`` / ``decode``: :mod:`bfpo_jax.model.generate`'s KV-cache decoding,
   run ``segment`` tokens at a time so a batch stops as soon as every row has
@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from bfpo_jax import losses, sharding
+from bfpo_jax import logprobs, sharding
 from bfpo_jax.model.generate import decode, prefill
 from bfpo_jax.model.mistral import apply_hidden, unembedding
 
@@ -49,8 +49,8 @@ def _score(params, input_ids, segment_ids, positions, labels, score_mask, *,
     # Only scored positions reach the unembedding (a continuation is often
     # a tenth of its row).
     h_RxSxD = jnp.take_along_axis(h_RxTxD, positions_RxS[..., None], axis=1)
-    return losses.chunked_token_logps_and_greedy(h_RxSxD, w, y, mask=m,
-                                                 chunk_size=chunk_size)
+    return logprobs.chunked_token_logps_and_greedy(h_RxSxD, w, y, mask=m,
+                                                   chunk_size=chunk_size)
 
   rows = PartitionSpec(sharding.BATCH_AXES)
   # Per device on its own rows, the output matrix gathered whole: as in

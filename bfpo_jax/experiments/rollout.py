@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bfpo_jax import losses
+from bfpo_jax import logprobs
 from bfpo_jax.data.tokenize import ChatTokenizer
 from bfpo_jax.experiments import world
 from bfpo_jax.model.generate import forward_with_cache, init_cache
@@ -97,9 +97,9 @@ def _response_logps(cfg, params, input_ids_BxT, attention_mask_BxT,
                     loss_mask_BxT):
   hidden_BxTxD = apply_hidden(cfg, params, input_ids_BxT, attention_mask_BxT)
   w_DxV = unembedding(cfg, params).astype(cfg.dtype)
-  return losses.chunked_sequence_logps(hidden_BxTxD[:, :-1], w_DxV,
-                                       input_ids_BxT[:, 1:],
-                                       loss_mask_BxT[:, 1:], chunk_size=32)
+  return logprobs.chunked_sequence_logps(hidden_BxTxD[:, :-1], w_DxV,
+                                         input_ids_BxT[:, 1:],
+                                         loss_mask_BxT[:, 1:], chunk_size=32)
 
 
 def answer_log_odds(cfg, params, tokenizer, requests: list[world.Request]):

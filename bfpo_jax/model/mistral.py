@@ -343,7 +343,7 @@ def apply_hidden(cfg, params, input_ids, attention_mask=None, positions=None,
 
   Returns:
     [B, T, D] hidden states in ``cfg.dtype``; multiply by :func:`unembedding`
-    (or use ``losses.chunked_sequence_logps``) for log-probs.
+    (or use ``logprobs.chunked_sequence_logps``) for log-probs.
   """
   attention_mask, positions = _prepare(input_ids, attention_mask, positions,
                                        segment_ids)
