@@ -162,6 +162,18 @@ def bfpo_target(chosen_is_safe, rejected_is_safe, *, beta=0.01, alpha=0.5,
 
   Returns:
     [B] float32 targets for the log-ratio difference.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import numpy as np
+    >>> from bfpo_jax.losses import bfpo_target
+    >>> # (s_w, s_l): (safe, safe), (safe, unsafe), (unsafe, safe), (unsafe, unsafe)
+    >>> s_w, s_l = jnp.array([1, 1, 0, 0]), jnp.array([1, 0, 1, 0])
+    >>> target = bfpo_target(s_w, s_l)  # beta 0.01, alpha 0.5, b1 3 (b3 0.5)
+    >>> print(np.round(target, 2))
+    [  50.  100. -100.  -50.]
+    >>> print(np.round(0.01 * target, 4))  # beta * target
+    [ 0.5  1.  -1.  -0.5]
   """
   if b1 == 1.0:
     raise ValueError("bfpo_target: b1 must differ from 1 (b3 = 1 / (b1 - 1)).")
@@ -198,6 +210,23 @@ def bfpo_loss(policy_chosen_logps, policy_rejected_logps,
   Returns:
     ``(loss, metrics)``: scalar float32 loss and a dict of reward metrics
     (overall and per (s_w, s_l) group, see :func:`preference_metrics`).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from bfpo_jax.losses import bfpo_loss, bfpo_target
+    >>> s_w, s_l = jnp.array([1, 1, 0, 0]), jnp.array([1, 0, 1, 0])
+    >>> chosen, rejected = jnp.array([-12.0, -7.5, -30.0, -4.0]), jnp.full(4, -9.0)
+    >>> # Policy == reference: h = 0, so the loss is mean(target^2).
+    >>> loss, metrics = bfpo_loss(chosen, rejected, chosen, rejected, s_w, s_l)
+    >>> print(f"{loss:.1f}")
+    6250.0
+    >>> print(f"{jnp.mean(bfpo_target(s_w, s_l) ** 2):.1f}")  # (50^2 + 100^2) / 2
+    6250.0
+    >>> # Each log-ratio margin at its target: the loss is 0.
+    >>> target = bfpo_target(s_w, s_l)
+    >>> loss, _ = bfpo_loss(chosen + target, rejected, chosen, rejected, s_w, s_l)
+    >>> print(f"{loss:.4f}")
+    0.0000
   """
   logits, chosen_rewards, rejected_rewards = _implicit_rewards(
       policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
