@@ -6,8 +6,8 @@ matrix in chunks of tokens (:func:`chunked_token_logps` and its relatives,
 with a custom VJP that takes the gradient rows from the forward logits).
 Pure, jit- and vmap-able; nothing here knows about models, meshes or data.
 
-Dimension names used in suffixes: B batch (pairs or sequences), T tokens,
-V vocabulary, D model width, C a chunk of tokens, Vc a chunk of the vocabulary.
+Dimension names (``hidden_QxCxD``: Q chunks of C tokens) as listed in
+:mod:`bfpo_jax`.
 """
 
 from __future__ import annotations
@@ -94,10 +94,8 @@ def _chunk_token_logps(hidden_CxD, unembedding_DxV, labels_C, vocab_chunk_size,
       return logps_C, jnp.argmax(logits_CxV, axis=-1) == labels_C
     return logps_C
 
-  w_DxVp = _pad_axis(unembedding_DxV, 1, vocab_chunk_size)
-  n_chunks = w_DxVp.shape[1] // vocab_chunk_size
-  w_NxDxVc = w_DxVp.reshape(
-      w_DxVp.shape[0], n_chunks, vocab_chunk_size).transpose(1, 0, 2)
+  w_QvxDxVc = _pad_axis(unembedding_DxV, 1, vocab_chunk_size).reshape(
+      unembedding_DxV.shape[0], -1, vocab_chunk_size).transpose(1, 0, 2)
 
   def body(carry, inputs):
     running_max_C, running_sum_C, label_logit_C, argmax_C = carry
@@ -126,7 +124,7 @@ def _chunk_token_logps(hidden_CxD, unembedding_DxV, labels_C, vocab_chunk_size,
   init = (jnp.full((c,), -jnp.inf, jnp.float32), jnp.zeros((c,), jnp.float32),
           jnp.zeros((c,), jnp.float32), jnp.zeros((c,), labels_C.dtype))
   (max_C, sum_C, label_logit_C, argmax_C), _ = jax.lax.scan(
-      body, init, (jnp.arange(n_chunks), w_NxDxVc))
+      body, init, (jnp.arange(w_QvxDxVc.shape[0]), w_QvxDxVc))
   logps_C = label_logit_C - (max_C + jnp.log(sum_C))
   if with_greedy:
     return logps_C, argmax_C == labels_C
@@ -150,13 +148,13 @@ def _map_chunks(fn, *xs):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _chunked_logps(unembedding_DxV, hidden_KxCxD, labels_KxC, needed_K,
+def _chunked_logps(unembedding_DxV, hidden_QxCxD, labels_QxC, needed_Q,
                    vocab_chunk_size):
-  """[K, C] log-probs of K chunks of C tokens; chunks not needed give 0."""
+  """[Q, C] log-probs of Q chunks of C tokens; chunks not needed give 0."""
   return _map_chunks(
       lambda h, y, n: _chunk_logps_or_zeros(h, unembedding_DxV, y, n,
                                             vocab_chunk_size),
-      hidden_KxCxD, labels_KxC, needed_K)
+      hidden_QxCxD, labels_QxC, needed_Q)
 
 
 def _chunked_logps_fwd(unembedding, hidden, labels, needed, vocab_chunk_size):
@@ -170,7 +168,7 @@ def _chunked_logps_fwd(unembedding, hidden, labels, needed, vocab_chunk_size):
   gradient (only when it is trained) does need the logits again, and
   recomputes them chunk by chunk in the backward pass.
   """
-  w_DxV, labels_KxC, needed_K = unembedding.value, labels.value, needed.value
+  w_DxV, labels_QxC, needed_Q = unembedding.value, labels.value, needed.value
 
   def logps_and_grad(hidden_CxD, labels_C, needed):
     def both():
@@ -184,28 +182,28 @@ def _chunked_logps_fwd(unembedding, hidden, labels, needed, vocab_chunk_size):
                  jnp.zeros_like(hidden_CxD)))
 
   if hidden.perturbed:
-    logps_KxC, grad_KxCxD = _map_chunks(logps_and_grad, hidden.value,
-                                        labels_KxC, needed_K)
+    logps_QxC, grad_QxCxD = _map_chunks(logps_and_grad, hidden.value,
+                                        labels_QxC, needed_Q)
   else:
-    logps_KxC = _chunked_logps(w_DxV, hidden.value, labels_KxC, needed_K,
+    logps_QxC = _chunked_logps(w_DxV, hidden.value, labels_QxC, needed_Q,
                                vocab_chunk_size)
-    grad_KxCxD = None
+    grad_QxCxD = None
   # The unembedding's gradient needs the hidden states back.
-  for_w = ((w_DxV, hidden.value, labels_KxC, needed_K)
+  for_w = ((w_DxV, hidden.value, labels_QxC, needed_Q)
            if unembedding.perturbed else None)
-  return logps_KxC, (grad_KxCxD, for_w)
+  return logps_QxC, (grad_QxCxD, for_w)
 
 
-def _chunked_logps_bwd(vocab_chunk_size, residuals, g_KxC):
-  grad_KxCxD, for_w = residuals
-  if isinstance(g_KxC, jax.custom_derivatives.SymbolicZero):
-    g_KxC = jnp.zeros(g_KxC.shape, jnp.float32)
+def _chunked_logps_bwd(vocab_chunk_size, residuals, g_QxC):
+  grad_QxCxD, for_w = residuals
+  if isinstance(g_QxC, jax.custom_derivatives.SymbolicZero):
+    g_QxC = jnp.zeros(g_QxC.shape, jnp.float32)
   d_hidden = None
-  if grad_KxCxD is not None:
-    d_hidden = (g_KxC[..., None] * grad_KxCxD).astype(grad_KxCxD.dtype)
+  if grad_QxCxD is not None:
+    d_hidden = (g_QxC[..., None] * grad_QxCxD).astype(grad_QxCxD.dtype)
   d_w = None
   if for_w is not None:
-    w_DxV, hidden_KxCxD, labels_KxC, needed_K = for_w
+    w_DxV, hidden_QxCxD, labels_QxC, needed_Q = for_w
 
     def accumulate(total_DxV, inputs):
       hidden_CxD, labels_C, needed, g_C = inputs
@@ -215,7 +213,7 @@ def _chunked_logps_bwd(vocab_chunk_size, residuals, g_KxC):
       return total_DxV + vjp(g_C)[0].astype(jnp.float32), None
 
     d_w, _ = jax.lax.scan(accumulate, jnp.zeros(w_DxV.shape, jnp.float32),
-                          (hidden_KxCxD, labels_KxC, needed_K, g_KxC))
+                          (hidden_QxCxD, labels_QxC, needed_Q, g_QxC))
     d_w = d_w.astype(w_DxV.dtype)
   return d_w, d_hidden, None, None
 
@@ -225,20 +223,20 @@ _chunked_logps.defvjp(_chunked_logps_fwd, _chunked_logps_bwd,
 
 
 def _to_chunks(hidden, labels, mask, chunk_size, vocab):
-  """[B, T] rows flattened into K chunks of C tokens (padded up), and which
+  """[B, T] rows flattened into Q chunks of C tokens (padded up), and which
   chunks hold a masked-in token."""
   b, t, d = hidden.shape
-  hidden_NxD = _pad_axis(hidden.reshape(b * t, d), 0, chunk_size)
-  labels_N = _pad_axis(jnp.clip(labels.reshape(b * t), 0, vocab - 1), 0,
+  hidden_UxD = _pad_axis(hidden.reshape(b * t, d), 0, chunk_size)
+  labels_U = _pad_axis(jnp.clip(labels.reshape(b * t), 0, vocab - 1), 0,
                        chunk_size)
-  n_chunks = hidden_NxD.shape[0] // chunk_size
+  n_chunks = hidden_UxD.shape[0] // chunk_size
   if mask is None:
-    needed_K = jnp.ones((n_chunks,), bool)
+    needed_Q = jnp.ones((n_chunks,), bool)
   else:
-    needed_K = _pad_axis(mask.reshape(b * t).astype(bool), 0, chunk_size
+    needed_Q = _pad_axis(mask.reshape(b * t).astype(bool), 0, chunk_size
                          ).reshape(n_chunks, chunk_size).any(axis=1)
-  return (hidden_NxD.reshape(n_chunks, chunk_size, d),
-          labels_N.reshape(n_chunks, chunk_size), needed_K)
+  return (hidden_UxD.reshape(n_chunks, chunk_size, d),
+          labels_U.reshape(n_chunks, chunk_size), needed_Q)
 
 
 def chunked_token_logps(hidden, unembedding, labels, *, chunk_size,
@@ -268,12 +266,12 @@ def chunked_token_logps(hidden, unembedding, labels, *, chunk_size,
     [B, T] float32 log-probabilities.
   """
   b, t, _ = hidden.shape
-  hidden_KxCxD, labels_KxC, needed_K = _to_chunks(
+  hidden_QxCxD, labels_QxC, needed_Q = _to_chunks(
       hidden, labels, mask, chunk_size, unembedding.shape[1])
   with jax.named_scope("logps"):
-    logps_KxC = _chunked_logps(unembedding, hidden_KxCxD, labels_KxC, needed_K,
+    logps_QxC = _chunked_logps(unembedding, hidden_QxCxD, labels_QxC, needed_Q,
                                vocab_chunk_size)
-  return logps_KxC.reshape(-1)[: b * t].reshape(b, t)
+  return logps_QxC.reshape(-1)[: b * t].reshape(b, t)
 
 
 def chunked_token_logps_and_greedy(hidden, unembedding, labels, *, chunk_size,
@@ -308,9 +306,9 @@ def chunked_token_logps_and_greedy(hidden, unembedding, labels, *, chunk_size,
                  jnp.zeros_like(labels_C, bool)))
 
   with jax.named_scope("logps"):
-    logps_KxC, greedy_KxC = _map_chunks(one_chunk, *chunks)
+    logps_QxC, greedy_QxC = _map_chunks(one_chunk, *chunks)
   flat = lambda x: x.reshape(-1)[: b * t].reshape(b, t)  # noqa: E731
-  return flat(logps_KxC), flat(greedy_KxC)
+  return flat(logps_QxC), flat(greedy_QxC)
 
 
 def chunked_sequence_logps(hidden, unembedding, labels, loss_mask, *,
@@ -400,33 +398,33 @@ def packed_pair_logps(hidden, unembedding, labels, loss_mask, segment_ids,
     rejected_logits))``.
   """
   b, t, d = hidden.shape
-  mask_N = loss_mask.reshape(b * t).astype(bool)
-  order_N = jnp.argsort(~mask_N, stable=True)  # response tokens first
-  hidden_NxD = hidden.reshape(b * t, d)[order_N]
-  mask_N = mask_N[order_N]
-  logps_N = chunked_token_logps(
-      hidden_NxD[None], unembedding, labels.reshape(b * t)[order_N][None],
+  mask_U = loss_mask.reshape(b * t).astype(bool)
+  order_U = jnp.argsort(~mask_U, stable=True)  # response tokens first
+  hidden_UxD = hidden.reshape(b * t, d)[order_U]
+  mask_U = mask_U[order_U]
+  logps_U = chunked_token_logps(
+      hidden_UxD[None], unembedding, labels.reshape(b * t)[order_U][None],
       chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size,
-      mask=mask_N[None])[0]
+      mask=mask_U[None])[0]
   # Each response token's (row, slot, side) as one id; others add zeros.
-  row_N = jnp.arange(b * t)[order_N] // t
-  slot_N = jnp.clip(segment_ids.reshape(b * t)[order_N] - 1, 0, num_slots - 1)
-  side_N = jnp.clip(branch_ids.reshape(b * t)[order_N] - 1, 0, 1)
-  ids_N = (row_N * num_slots + slot_N) * 2 + side_N
-  weight_N = mask_N.astype(jnp.float32)
+  row_U = jnp.arange(b * t)[order_U] // t
+  slot_U = jnp.clip(segment_ids.reshape(b * t)[order_U] - 1, 0, num_slots - 1)
+  side_U = jnp.clip(branch_ids.reshape(b * t)[order_U] - 1, 0, 1)
+  ids_U = (row_U * num_slots + slot_U) * 2 + side_U
+  weight_U = mask_U.astype(jnp.float32)
 
-  def per_pair(values_N):
-    sums = jax.ops.segment_sum(values_N * weight_N, ids_N,
+  def per_pair(values_U):
+    sums = jax.ops.segment_sum(values_U * weight_U, ids_U,
                                num_segments=b * num_slots * 2)
     return sums.reshape(b, num_slots, 2)
 
-  counts_BxMx2 = jnp.maximum(per_pair(jnp.ones_like(weight_N)), 1.0)
-  logps_BxMx2 = per_pair(logps_N)
+  counts_BxMx2 = jnp.maximum(per_pair(jnp.ones_like(weight_U)), 1.0)
+  logps_BxMx2 = per_pair(logps_U)
   if average:
     logps_BxMx2 = logps_BxMx2 / counts_BxMx2
   out = (logps_BxMx2[..., 0], logps_BxMx2[..., 1])
   if not with_logits:
     return out
   logits_BxMx2 = per_pair(_token_mean_logits(
-      jax.lax.stop_gradient(hidden_NxD), unembedding)) / counts_BxMx2
+      jax.lax.stop_gradient(hidden_UxD), unembedding)) / counts_BxMx2
   return out, (logits_BxMx2[..., 0], logits_BxMx2[..., 1])

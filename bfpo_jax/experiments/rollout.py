@@ -70,8 +70,8 @@ def greedy_generate(cfg, params, input_ids_BxT, attention_mask_BxT, *,
 
   state = (logits_BxTxV[:, -1], caches, key_valid_BxS, positions_BxT[:, -1],
            jnp.zeros((b,), bool))
-  _, tokens_NxB = jax.lax.scan(step, state, t + jnp.arange(max_new_tokens))
-  return tokens_NxB.T
+  _, tokens_ExB = jax.lax.scan(step, state, t + jnp.arange(max_new_tokens))
+  return tokens_ExB.T
 
 
 def respond(cfg, params, tokenizer, requests: list[world.Request], *,
@@ -124,8 +124,8 @@ def answer_log_odds(cfg, params, tokenizer, requests: list[world.Request]):
     ids[i, :len(row)] = row
     mask[i, :len(row)] = True
   loss_mask = mask & (np.arange(length)[None] >= np.array(prompt_lengths)[:, None])
-  logps_RxK = np.asarray(_response_logps(cfg, params, ids, mask, loss_mask)
+  logps_RxJ = np.asarray(_response_logps(cfg, params, ids, mask, loss_mask)
                          ).reshape(len(requests), -1)
   n_answers = len(world.ANSWER_TEMPLATES)
   lse = lambda x: np.logaddexp.reduce(x, axis=1)  # noqa: E731
-  return lse(logps_RxK[:, :n_answers]) - lse(logps_RxK[:, n_answers:])
+  return lse(logps_RxJ[:, :n_answers]) - lse(logps_RxJ[:, n_answers:])
