@@ -70,11 +70,11 @@ def preference_set(helpfulness_share=0.5):
   }
 
 
-def _loss(method, logits_R, batch, beta, alpha):
-  logp_R = jax.nn.log_softmax(logits_R)
-  ref_logp = jnp.full_like(logp_R, -jnp.log(logp_R.shape[0]))
-  chosen, rejected = logp_R[batch["chosen"]], logp_R[batch["rejected"]]
-  ref_chosen, ref_rejected = ref_logp[batch["chosen"]], ref_logp[
+def _loss(method, logits_J, batch, beta, alpha):
+  logp_J = jax.nn.log_softmax(logits_J)
+  ref_logp_J = jnp.full_like(logp_J, -jnp.log(logp_J.shape[0]))
+  chosen, rejected = logp_J[batch["chosen"]], logp_J[batch["rejected"]]
+  ref_chosen, ref_rejected = ref_logp_J[batch["chosen"]], ref_logp_J[
       batch["rejected"]]
   if method == "bfpo":
     loss, _ = losses.bfpo_loss(chosen, rejected, ref_chosen, ref_rejected,
@@ -111,28 +111,28 @@ def train(method, seed, data, *, steps=1800, batch_size=32, lr=0.01, beta=1.0,
     [steps + 1, 4] probabilities of each category, from initialisation on.
   """
   optimizer = optax.adam(lr)
-  logits_R = jnp.zeros(len(CATEGORIES), jnp.float32)
+  logits_J = jnp.zeros(len(CATEGORIES), jnp.float32)
   arrays = {k: jnp.asarray(v) for k, v in data.items() if k != "probs"}
   probs = jnp.asarray(data["probs"])
 
   def step(carry, key):
-    logits_R, opt_state = carry
+    logits_J, opt_state = carry
     index_B = jax.random.choice(key, probs.shape[0], (batch_size,), p=probs)
     batch = {k: v[index_B] for k, v in arrays.items()}
-    grads = jax.grad(functools.partial(_loss, method))(logits_R, batch, beta,
+    grads = jax.grad(functools.partial(_loss, method))(logits_J, batch, beta,
                                                        alpha)
-    updates, opt_state = optimizer.update(grads, opt_state, logits_R)
-    logits_R = optax.apply_updates(logits_R, updates)
-    return (logits_R, opt_state), jax.nn.softmax(logits_R)
+    updates, opt_state = optimizer.update(grads, opt_state, logits_J)
+    logits_J = optax.apply_updates(logits_J, updates)
+    return (logits_J, opt_state), jax.nn.softmax(logits_J)
 
   keys = jax.random.split(jax.random.key(seed), steps)
-  _, history = jax.lax.scan(step, (logits_R, optimizer.init(logits_R)), keys)
-  return jnp.concatenate([jax.nn.softmax(logits_R)[None], history])
+  _, history = jax.lax.scan(step, (logits_J, optimizer.init(logits_J)), keys)
+  return jnp.concatenate([jax.nn.softmax(logits_J)[None], history])
 
 
-def ranking(probs_R):
+def ranking(probs_J):
   """Category names from most to least likely."""
-  return [CATEGORIES[i] for i in np.argsort(-np.asarray(probs_R), kind="stable")]
+  return [CATEGORIES[i] for i in np.argsort(-np.asarray(probs_J), kind="stable")]
 
 
 def run(seeds=(0, 1, 2, 3, 4), steps=1800, helpfulness_share=0.5):

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from bfpo_jax import losses, sharding
+from bfpo_jax import logprobs, losses, sharding
 from bfpo_jax import metrics as metrics_lib
 from bfpo_jax.config import STAGES, default_config, step_settings
 from bfpo_jax.model.mistral import apply_hidden, unembedding
@@ -136,20 +136,21 @@ def reference_params(state: TrainState, step_cfg: StepConfig):
   return combine(state.reference, state.frozen)
 
 
-def _logps_from_hidden(hidden, w, labels, loss_mask, *, step_cfg, per_token,
-                       with_logits=False):
+def _logps_from_hidden(hidden_BxTxD, w_DxV, labels_BxT, loss_mask_BxT, *,
+                       step_cfg, per_token, with_logits=False):
   kwargs = dict(chunk_size=step_cfg.chunk_size,
                 vocab_chunk_size=step_cfg.vocab_chunk_size)
   if per_token:
-    return losses.chunked_token_logps(hidden, w, labels, mask=loss_mask,
-                                      **kwargs)
-  logps = losses.chunked_sequence_logps(hidden, w, labels, loss_mask,
-                                        average=step_cfg.average_logps,
-                                        **kwargs)
+    return logprobs.chunked_token_logps(hidden_BxTxD, w_DxV, labels_BxT,
+                                        mask=loss_mask_BxT, **kwargs)
+  logps_B = logprobs.chunked_sequence_logps(hidden_BxTxD, w_DxV, labels_BxT,
+                                            loss_mask_BxT,
+                                            average=step_cfg.average_logps,
+                                            **kwargs)
   if with_logits:
-    return logps, losses.mean_logits(jax.lax.stop_gradient(hidden), w,
-                                     loss_mask)
-  return logps
+    return logps_B, logprobs.mean_logits(jax.lax.stop_gradient(hidden_BxTxD),
+                                         w_DxV, loss_mask_BxT)
+  return logps_B
 
 
 def sequence_logps(model_cfg, step_cfg, params, input_ids, attention_mask,
@@ -158,16 +159,16 @@ def sequence_logps(model_cfg, step_cfg, params, input_ids, attention_mask,
   """[B] response log-probs (or [B, T-1] per token) via the chunked path.
 
   ``with_logits`` also returns each row's mean logit over its response
-  positions (``losses.mean_logits``), as ``(logps, mean_logits)``.
+  positions (``logprobs.mean_logits``), as ``(logps, mean_logits)``.
 
   With a ``mesh``, the log-probs run per device on its own rows
   (``shard_map`` over the batch axes, the output matrix gathered whole):
   left to itself, XLA shards the chunk loop's matmul over the model width
-  instead and all-reduces every chunk's [chunk, V] logits.
+  instead and all-reduces every chunk's [C, V] logits.
   """
-  hidden = apply_hidden(model_cfg, params, input_ids, attention_mask,
-                        segment_ids=segment_ids)
-  w = unembedding(model_cfg, params).astype(model_cfg.dtype)
+  hidden_BxTxD = apply_hidden(model_cfg, params, input_ids, attention_mask,
+                              segment_ids=segment_ids)
+  w_DxV = unembedding(model_cfg, params).astype(model_cfg.dtype)
   fn = functools.partial(_logps_from_hidden, step_cfg=step_cfg,
                          per_token=per_token, with_logits=with_logits)
   if mesh is not None:
@@ -175,7 +176,7 @@ def sequence_logps(model_cfg, step_cfg, params, input_ids, attention_mask,
     fn = jax.shard_map(fn, mesh=mesh, in_specs=(rows, PartitionSpec(), rows, rows),
                        out_specs=(rows, rows) if with_logits else rows,
                        axis_names=frozenset(sharding.BATCH_AXES))
-  return fn(hidden[:, :-1], w, input_ids[:, 1:], loss_mask[:, 1:])
+  return fn(hidden_BxTxD[:, :-1], w_DxV, input_ids[:, 1:], loss_mask[:, 1:])
 
 
 def packed_pair_logps(model_cfg, step_cfg, params, batch, mesh=None, *,
@@ -183,16 +184,17 @@ def packed_pair_logps(model_cfg, step_cfg, params, batch, mesh=None, *,
   """Chosen and rejected [B, M] log-probs of packed rows, one forward.
 
   Each pair's prompt runs once, its two responses beside it; see
-  ``data.packing`` and ``losses.packed_pair_logps``. With a ``mesh`` the
+  ``data.packing`` and ``logprobs.packed_pair_logps``. With a ``mesh`` the
   log-probs run per device on its own rows, as in :func:`sequence_logps`.
   """
-  hidden = apply_hidden(model_cfg, params, batch["input_ids"],
-                        batch["attention_mask"], positions=batch["positions"],
-                        segment_ids=batch["segment_ids"],
-                        branch_ids=batch["branch_ids"])
-  w = unembedding(model_cfg, params).astype(model_cfg.dtype)
+  hidden_BxTxD = apply_hidden(model_cfg, params, batch["input_ids"],
+                              batch["attention_mask"],
+                              positions=batch["positions"],
+                              segment_ids=batch["segment_ids"],
+                              branch_ids=batch["branch_ids"])
+  w_DxV = unembedding(model_cfg, params).astype(model_cfg.dtype)
   fn = functools.partial(
-      losses.packed_pair_logps, num_slots=batch["weight"].shape[1],
+      logprobs.packed_pair_logps, num_slots=batch["weight"].shape[1],
       chunk_size=step_cfg.chunk_size, average=step_cfg.average_logps,
       vocab_chunk_size=step_cfg.vocab_chunk_size, with_logits=with_logits)
   if mesh is not None:
@@ -201,7 +203,7 @@ def packed_pair_logps(model_cfg, step_cfg, params, batch, mesh=None, *,
     fn = jax.shard_map(fn, mesh=mesh, in_specs=(rows, PartitionSpec()) + (rows,) * 4,
                        out_specs=(pairs, pairs) if with_logits else pairs,
                        axis_names=frozenset(sharding.BATCH_AXES))
-  return fn(hidden[:, :-1], w, *(batch[k][:, 1:] for k in (
+  return fn(hidden_BxTxD[:, :-1], w_DxV, *(batch[k][:, 1:] for k in (
       "input_ids", "loss_mask", "segment_ids", "branch_ids")))
 
 

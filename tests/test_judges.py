@@ -83,15 +83,15 @@ def classifier(tmp_path_factory):
       max_position_embeddings=2048, tie_word_embeddings=False,
       bos_token_id=1, eos_token_id=2)).eval()
   with torch.no_grad():
-    last_NxD = torch.stack([
+    last_RxD = torch.stack([
         model.model(torch.tensor([_classifier_ids(tok, p, r)]))
         .last_hidden_state[0, -1] for p, r in zip(PROMPTS, RESPONSES)])
-    mean_D = last_NxD.mean(0)
-    spread_NxD = last_NxD - mean_D
-    direction_D = torch.linalg.svd(spread_NxD).Vh[0]
+    mean_D = last_RxD.mean(0)
+    spread_RxD = last_RxD - mean_D
+    direction_D = torch.linalg.svd(spread_RxD).Vh[0]
     direction_D -= (direction_D @ mean_D) / (mean_D @ mean_D) * mean_D
     # The least decided input then puts most (not all) mass on its answer.
-    scale = 11.0 / (spread_NxD @ direction_D).abs().min()
+    scale = 11.0 / (spread_RxD @ direction_D).abs().min()
     pieces = tok.convert_ids_to_tokens(list(range(len(tok))))
     yes = [i for i, p in enumerate(pieces) if p in YES_PIECES]
     no = [i for i, p in enumerate(pieces) if p in NO_PIECES]

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from bfpo_jax import losses, trainable
+from bfpo_jax import logprobs, losses, trainable
 from bfpo_jax import train_step as ts
 from bfpo_jax.model import apply, init_params
 from tests import helpers
@@ -131,8 +131,8 @@ def test_step_loss_equals_pure_loss_on_model_logps():
   def logps(side):  # independent path: full logits, unchunked
     logits = apply(CFG, _params(), batch[f"{side}_input_ids"],
                    batch[f"{side}_attention_mask"])
-    return losses.sequence_logps(logits[:, :-1], batch[f"{side}_input_ids"][:, 1:],
-                                 batch[f"{side}_loss_mask"][:, 1:])
+    return logprobs.sequence_logps(logits[:, :-1], batch[f"{side}_input_ids"][:, 1:],
+                                   batch[f"{side}_loss_mask"][:, 1:])
 
   chosen, rejected = logps("chosen"), logps("rejected")
   expected, _ = losses.bfpo_loss(chosen, rejected, chosen, rejected,

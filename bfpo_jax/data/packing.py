@@ -19,20 +19,20 @@ prompt, every response log-prob equals that of the unpacked, right-padded
 tokens, and under the trl truncation rule at most ``2 * max_length``, so a
 row of that length holds any pair.
 
-The batch (``R`` rows of ``L`` tokens, ``M = pairs_per_row`` slots a row):
+The batch (``B`` rows of ``T`` tokens, ``M = pairs_per_row`` slots a row):
 
-* ``input_ids``, ``positions``, ``segment_ids``, ``branch_ids`` [R, L] int32,
-  ``attention_mask`` [R, L] bool (a pair's token, not padding), ``loss_mask``
-  [R, L] bool (the response tokens, each branch's prompt-token copy
+* ``input_ids``, ``positions``, ``segment_ids``, ``branch_ids`` [B, T] int32,
+  ``attention_mask`` [B, T] bool (a pair's token, not padding), ``loss_mask``
+  [B, T] bool (the response tokens, each branch's prompt-token copy
   excluded);
-* per slot [R, M]: ``chosen_is_safe``, ``rejected_is_safe``, ``weight`` (1 for
+* per slot [B, M]: ``chosen_is_safe``, ``rejected_is_safe``, ``weight`` (1 for
   a pair, 0 for an empty slot), ``pair_index`` (the pair's index in the
   packed list, -1 if empty) and, when the examples carry them,
   ``reference_chosen_logps`` / ``reference_rejected_logps``.
 
-``L`` is one of a few row lengths (the padded path's buckets below
+``T`` is one of a few row lengths (the padded path's buckets below
 ``pack_length``, and ``pack_length``): the one whose rows have the fewest
-token slots. ``R`` is the smallest multiple of ``rows_multiple`` that holds
+token slots. ``B`` is the smallest multiple of ``rows_multiple`` that holds
 the pairs, so every data-parallel device and microbatch gets the same number
 of rows; there is at most one row per pair, so a packed batch never has more
 tokens than the same pairs padded to ``pack_length / 2`` each.
@@ -122,9 +122,9 @@ def pack_pairs(examples, *, length, pairs_per_row, rows_multiple=1, pad_id=0,
 
   Args:
     examples: the pairs of one batch.
-    length: the longest row (L); every pair must fit one.
+    length: the longest row (T); every pair must fit one.
     pairs_per_row: slots per row (M); a row never holds more pairs.
-    rows_multiple: the row count R is rounded up to a multiple of this.
+    rows_multiple: the row count B is rounded up to a multiple of this.
     pad_id: token id of padding.
     buckets: shorter row lengths to consider (``choose_rows``), so a batch
       of short pairs does not run long, mostly empty rows.

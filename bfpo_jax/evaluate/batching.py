@@ -14,7 +14,8 @@ are laid out in one of two ways:
   Levanter's harness backend packs: fewer padded tokens, one compiled shape.
 
 Everything here is numpy; :mod:`bfpo_jax.evaluate.engine` runs the batches.
-Dimension names: R lines of a batch, T tokens, S scored tokens of a line.
+Dimension names (R lines of a batch, Y scored tokens of a line) are listed in
+:mod:`bfpo_jax`.
 """
 
 from __future__ import annotations
@@ -67,19 +68,19 @@ def bucket_length(n: int, max_length: int) -> int:
 
 @dataclasses.dataclass
 class Batch:
-  """A batch of lines [R, T] for the model, and the scored positions [R, S].
+  """A batch of lines [R, T] for the model, and the scored positions [R, Y].
 
   Only the scored positions (continuations) reach the unembedding: their
-  hidden states are gathered into a compact [R, S] layout first, S being a
+  hidden states are gathered into a compact [R, Y] layout first, Y being a
   bucket length of the most scored tokens any line holds.
   """
 
   input_ids: np.ndarray  # [R, T] int32, 0 on padding
   segment_ids: np.ndarray  # [R, T] int32: 1, 2, ... per row in a line; 0 pad
-  score_positions: np.ndarray  # [R, S] int32: where each scored token is read
-  labels: np.ndarray  # [R, S] int32: the token predicted there
-  score_mask: np.ndarray  # [R, S] bool: a real scored token
-  placements: list  # (request index, line, start, end) in the [R, S] layout
+  score_positions: np.ndarray  # [R, Y] int32: where each scored token is read
+  labels: np.ndarray  # [R, Y] int32: the token predicted there
+  score_mask: np.ndarray  # [R, Y] bool: a real scored token
+  placements: list  # (request index, line, start, end) in the [R, Y] layout
 
 
 def _batch(lines, rows, rows_per_batch, length):

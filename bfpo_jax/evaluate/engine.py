@@ -8,14 +8,14 @@ two kinds of compiled function, one per shape it meets:
 * ``score``: final hidden states (:func:`bfpo_jax.model.apply_hidden`), the
   scored positions' gathered, then the chunked log-probs with argmax flags
   per device on its own rows
-  (:func:`bfpo_jax.losses.chunked_token_logps_and_greedy`; no [B, T, V]
+  (:func:`bfpo_jax.logprobs.chunked_token_logps_and_greedy`; no [B, T, V]
   logits, and no logits at all for context tokens).
 * ``prefill`` / ``decode``: :mod:`bfpo_jax.model.generate`'s KV-cache decoding,
   run ``segment`` tokens at a time so a batch stops as soon as every row has
   ended (EOS or a stop string, checked on the host between segments).
 
-Dimension names: R rows, T tokens, S scored tokens, P prompt tokens, G
-generated tokens.
+Dimension names (R rows, Y scored tokens, P prompt tokens, E generated
+tokens) are listed in :mod:`bfpo_jax`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from bfpo_jax import losses, sharding
+from bfpo_jax import logprobs, sharding
 from bfpo_jax.model.generate import decode, prefill
 from bfpo_jax.model.mistral import apply_hidden, unembedding
 
@@ -45,12 +45,12 @@ def _score(params, input_ids, segment_ids, positions, labels, score_mask, *,
   hidden_RxTxD = apply_hidden(cfg, params, input_ids, segment_ids=segment_ids)
   w_DxV = unembedding(cfg, params).astype(cfg.dtype)
 
-  def per_device(h_RxTxD, w, positions_RxS, y, m):
+  def per_device(h_RxTxD, w, positions_RxY, y, m):
     # Only scored positions reach the unembedding (a continuation is often
     # a tenth of its row).
-    h_RxSxD = jnp.take_along_axis(h_RxTxD, positions_RxS[..., None], axis=1)
-    return losses.chunked_token_logps_and_greedy(h_RxSxD, w, y, mask=m,
-                                                 chunk_size=chunk_size)
+    h_RxYxD = jnp.take_along_axis(h_RxTxD, positions_RxY[..., None], axis=1)
+    return logprobs.chunked_token_logps_and_greedy(h_RxYxD, w, y, mask=m,
+                                                   chunk_size=chunk_size)
 
   rows = PartitionSpec(sharding.BATCH_AXES)
   # Per device on its own rows, the output matrix gathered whole: as in
@@ -96,7 +96,7 @@ class Engine:
                                         lambda index: x[index])
 
   def score(self, batch):
-    """``(logps [R, S] float32, greedy [R, S] bool)`` of a batching.Batch."""
+    """``(logps [R, Y] float32, greedy [R, Y] bool)`` of a batching.Batch."""
     self.shapes.add(("score",) + batch.input_ids.shape
                     + batch.score_positions.shape[1:])
     logps, greedy = self._score(
@@ -126,7 +126,7 @@ class Engine:
         for.
 
     Returns:
-      [R, G] generated tokens: G is a whole number of segments, fewer than
+      [R, E] generated tokens: E is a whole number of segments, fewer than
       ``max_new_tokens`` when every row ended early, else at least that many
       (only the first ``max_new_tokens`` count).
     """

@@ -30,8 +30,8 @@ harmless fraction (the reference's ``llama2`` score: 1 per harmless answer).
 The judge is the one given to :func:`set_judge` (the CLI's ``--judge``), else
 ``$BFPO_JUDGE`` (``refusal`` or a folder), else the refusal judge.
 
-Dimension names: R rows, T tokens, D model width, V vocabulary, A answer
-tokens (the yes and no tokens).
+Dimension names (R rows, J the answer tokens: the yes and no tokens) are
+listed in :mod:`bfpo_jax`.
 """
 
 from __future__ import annotations
@@ -128,14 +128,14 @@ def classifier_prompt(prompt: str, response: str) -> str:
       behavior=HARMBENCH["behavior"], generation=response)
 
 
-def _answer_logps(params, input_ids_RxT, mask_RxT, last_R, answers_A, *, cfg):
-  """log P(answer token) at each row's last real position: [R, A] float32."""
+def _answer_logps(params, input_ids_RxT, mask_RxT, last_R, answers_J, *, cfg):
+  """log P(answer token) at each row's last real position: [R, J] float32."""
   hidden_RxTxD = apply_hidden(cfg, params, input_ids_RxT,
                               attention_mask=mask_RxT)
   h_RxD = jnp.take_along_axis(hidden_RxTxD, last_R[:, None, None], axis=1)[:, 0]
   logits_RxV = jnp.dot(h_RxD, unembedding(cfg, params).astype(cfg.dtype),
                        preferred_element_type=jnp.float32)
-  return jax.nn.log_softmax(logits_RxV, axis=-1)[:, answers_A]
+  return jax.nn.log_softmax(logits_RxV, axis=-1)[:, answers_J]
 
 
 class ClassifierJudge:
@@ -214,8 +214,8 @@ class ClassifierJudge:
     return ids[-cfg.max_position_embeddings:]
 
   def answer_probabilities(self, prompts, responses) -> np.ndarray:
-    """[N, 2]: P(yes), P(no) of each response, summed over the yes (no)
-    tokens."""
+    """[len(responses), 2]: P(yes), P(no) of each response, summed over the
+    yes (no) tokens."""
     encoded = [self.encode(p, r) for p, r in zip(prompts, responses)]
     m = self._model
     rows, max_len = m["rows"], m["cfg"].max_position_embeddings

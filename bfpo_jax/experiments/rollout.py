@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bfpo_jax import losses
+from bfpo_jax import logprobs
 from bfpo_jax.data.tokenize import ChatTokenizer
 from bfpo_jax.experiments import world
 from bfpo_jax.model.generate import forward_with_cache, init_cache
@@ -70,8 +70,8 @@ def greedy_generate(cfg, params, input_ids_BxT, attention_mask_BxT, *,
 
   state = (logits_BxTxV[:, -1], caches, key_valid_BxS, positions_BxT[:, -1],
            jnp.zeros((b,), bool))
-  _, tokens_NxB = jax.lax.scan(step, state, t + jnp.arange(max_new_tokens))
-  return tokens_NxB.T
+  _, tokens_ExB = jax.lax.scan(step, state, t + jnp.arange(max_new_tokens))
+  return tokens_ExB.T
 
 
 def respond(cfg, params, tokenizer, requests: list[world.Request], *,
@@ -97,9 +97,9 @@ def _response_logps(cfg, params, input_ids_BxT, attention_mask_BxT,
                     loss_mask_BxT):
   hidden_BxTxD = apply_hidden(cfg, params, input_ids_BxT, attention_mask_BxT)
   w_DxV = unembedding(cfg, params).astype(cfg.dtype)
-  return losses.chunked_sequence_logps(hidden_BxTxD[:, :-1], w_DxV,
-                                       input_ids_BxT[:, 1:],
-                                       loss_mask_BxT[:, 1:], chunk_size=32)
+  return logprobs.chunked_sequence_logps(hidden_BxTxD[:, :-1], w_DxV,
+                                         input_ids_BxT[:, 1:],
+                                         loss_mask_BxT[:, 1:], chunk_size=32)
 
 
 def answer_log_odds(cfg, params, tokenizer, requests: list[world.Request]):
@@ -124,8 +124,8 @@ def answer_log_odds(cfg, params, tokenizer, requests: list[world.Request]):
     ids[i, :len(row)] = row
     mask[i, :len(row)] = True
   loss_mask = mask & (np.arange(length)[None] >= np.array(prompt_lengths)[:, None])
-  logps_RxK = np.asarray(_response_logps(cfg, params, ids, mask, loss_mask)
+  logps_RxJ = np.asarray(_response_logps(cfg, params, ids, mask, loss_mask)
                          ).reshape(len(requests), -1)
   n_answers = len(world.ANSWER_TEMPLATES)
   lse = lambda x: np.logaddexp.reduce(x, axis=1)  # noqa: E731
-  return lse(logps_RxK[:, :n_answers]) - lse(logps_RxK[:, n_answers:])
+  return lse(logps_RxJ[:, :n_answers]) - lse(logps_RxJ[:, n_answers:])

@@ -1,7 +1,7 @@
 """Attention masks from ids, and which kernel each platform gets.
 
-Dimension names as in :mod:`bfpo_jax.model.mistral`: B batch, T query
-tokens, S key tokens, N query heads, K key/value heads, H head dim.
+Dimension names (``q_BxTxNxH``, ``k_BxSxKxH``, a tile's ``q_CxKxGxH``) are
+listed in :mod:`bfpo_jax`.
 
 Attention kernels, by platform and row layout:
 
@@ -102,7 +102,7 @@ def blockwise_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, block):
   keys = k_BxSxKxH.astype(jnp.float32).reshape(b, tk, block, k, h)
   values = v_BxSxKxH.astype(jnp.float32).reshape(b, tk, block, k, h)
   mask = mask_Bx1xTxS[:, 0].reshape(b, tq, block, tk, block).swapaxes(2, 3)
-  needed = jnp.any(mask, axis=(3, 4))  # [B, Tq, Tk]
+  needed = jnp.any(mask, axis=(3, 4))  # [B, T / C, S / C]
   low = jnp.finfo(jnp.float32).min
 
   def tile(carry, inputs, q_CxKxGxH):

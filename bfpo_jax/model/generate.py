@@ -122,8 +122,8 @@ def decode(cfg, params, state: DecodeState, temperature, top_p, eos_token_id,
     return DecodeState(logits[:, -1], caches, key_valid, last_pos, done, rng,
                        state.index + 1), token
 
-  state, tokens_NxB = jax.lax.scan(step, state, None, length=num_steps)
-  return state, tokens_NxB.T
+  state, tokens_ExB = jax.lax.scan(step, state, None, length=num_steps)
+  return state, tokens_ExB.T
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens"))

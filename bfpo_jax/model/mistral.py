@@ -12,8 +12,7 @@ Training and outside users work with a plain nested dict of arrays
 (``params``); :func:`apply` binds it to the module graph inside the trace, so
 the functions below are pure and jit-able with the config static.
 
-Dimension names: B batch, T query tokens, S key tokens, D model width,
-N query heads, K key/value heads, H head dim, F mlp width, V vocabulary.
+Dimension names (``q_BxTxNxH``, ``gate_BxTxF``) are listed in :mod:`bfpo_jax`.
 
 Which attention kernel each platform gets: :mod:`bfpo_jax.model.attention`.
 """
@@ -116,7 +115,7 @@ class Attention(nnx.Module):
     self.o_proj = Dense(cfg, n * h, d, ("q_heads", "embed"), rngs, bias)
 
   def __call__(self, x_BxTxD, positions_BxT, key_valid_BxS, query_index_T,
-               cache=None, segment_ids=None, branch_ids=None):
+               cache=None, segment_ids_BxT=None, branch_ids_BxT=None):
     cfg = self.cfg
     b, t, _ = x_BxTxD.shape
     n, k, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.dim_per_head
@@ -130,30 +129,35 @@ class Attention(nnx.Module):
     v_BxTxKxH = pin(self.v_proj(x_BxTxD).reshape(b, t, k, h), kv_heads)
     if cache is not None:
       start = query_index_T[0]
-      keys = jax.lax.dynamic_update_slice_in_dim(
+      k_BxSxKxH = jax.lax.dynamic_update_slice_in_dim(
           cache["k"], k_BxTxKxH.astype(cache["k"].dtype), start, axis=1)
-      values = jax.lax.dynamic_update_slice_in_dim(
+      v_BxSxKxH = jax.lax.dynamic_update_slice_in_dim(
           cache["v"], v_BxTxKxH.astype(cache["v"].dtype), start, axis=1)
-      cache = {"k": keys, "v": values}
-    else:
-      keys, values = k_BxTxKxH, v_BxTxKxH
-    keys, values = keys.astype(cfg.dtype), values.astype(cfg.dtype)
+      cache = {"k": k_BxSxKxH, "v": v_BxSxKxH}
+    else:  # no cache: the keys are the queries' own tokens, S = T
+      k_BxSxKxH, v_BxSxKxH = k_BxTxKxH, v_BxTxKxH
+    k_BxSxKxH = k_BxSxKxH.astype(cfg.dtype)
+    v_BxSxKxH = v_BxSxKxH.astype(cfg.dtype)
 
-    if cfg.attention_impl == "cudnn" and cache is None and segment_ids is None:
+    if (cfg.attention_impl == "cudnn" and cache is None
+        and segment_ids_BxT is None):
       # cuDNN flash attention: causal + window in-kernel; padding must be on
       # the right, expressed as sequence lengths.
       lengths_B = jnp.sum(key_valid_BxS, axis=-1, dtype=jnp.int32)
       window = (None if cfg.sliding_window is None
                 else (cfg.sliding_window - 1, 0))
       out_BxTxNxH = jax.nn.dot_product_attention(
-          q_BxTxNxH, keys, values, is_causal=True, local_window_size=window,
+          q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, is_causal=True,
+          local_window_size=window,
           query_seq_lengths=lengths_B, key_value_seq_lengths=lengths_B,
           implementation="cudnn")
     else:
-      mask = attention_mask(key_valid_BxS, query_index_T, cfg.sliding_window,
-                            segment_ids, branch_ids, positions_BxT)
-      out_BxTxNxH = masked_attention(q_BxTxNxH, keys, values, mask,
-                                     packed_pairs=branch_ids is not None)
+      mask_Bx1xTxS = attention_mask(key_valid_BxS, query_index_T,
+                                    cfg.sliding_window, segment_ids_BxT,
+                                    branch_ids_BxT, positions_BxT)
+      out_BxTxNxH = masked_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH,
+                                     mask_Bx1xTxS,
+                                     packed_pairs=branch_ids_BxT is not None)
     return self.o_proj(out_BxTxNxH.reshape(b, t, n * h)), cache
 
 
@@ -166,10 +170,11 @@ class MLP(nnx.Module):
     self.up_proj = Dense(cfg, d, f, ("embed", "mlp"), rngs, bias)
     self.down_proj = Dense(cfg, f, d, ("mlp", "embed"), rngs, bias)
 
-  def __call__(self, x):
+  def __call__(self, x_BxTxD):
     mlp = BTD[:2] + ("act_mlp",)
-    return self.down_proj(jax.nn.silu(pin(self.gate_proj(x), mlp))
-                          * pin(self.up_proj(x), mlp))
+    gate_BxTxF = pin(self.gate_proj(x_BxTxD), mlp)
+    up_BxTxF = pin(self.up_proj(x_BxTxD), mlp)
+    return self.down_proj(jax.nn.silu(gate_BxTxF) * up_BxTxF)
 
 
 class Block(nnx.Module):
@@ -181,22 +186,23 @@ class Block(nnx.Module):
     self.post_attention_layernorm = RMSNorm(cfg, rngs)
     self.mlp = MLP(cfg, rngs)
 
-  def __call__(self, x, positions, key_valid, query_index, cache=None,
-               segment_ids=None, branch_ids=None):
+  def __call__(self, x_BxTxD, positions_BxT, key_valid_BxS, query_index_T,
+               cache=None, segment_ids_BxT=None, branch_ids_BxT=None):
     # Named scopes label the ops in profiles (benchmarks/profiling.py).
     with jax.named_scope("attention"):
-      attn, cache = self.self_attn(self.input_layernorm(x), positions,
-                                   key_valid, query_index, cache, segment_ids,
-                                   branch_ids)
-    x = x + attn
+      attn_BxTxD, cache = self.self_attn(
+          self.input_layernorm(x_BxTxD), positions_BxT, key_valid_BxS,
+          query_index_T, cache, segment_ids_BxT, branch_ids_BxT)
+    x_BxTxD = x_BxTxD + attn_BxTxD
     with jax.named_scope("mlp"):
-      return x + self.mlp(self.post_attention_layernorm(x)), cache
+      return (x_BxTxD + self.mlp(self.post_attention_layernorm(x_BxTxD)),
+              cache)
 
 
-def _run_block(block, x, positions, key_valid, query_index, cache,
-               segment_ids, branch_ids):
-  return block(x, positions, key_valid, query_index, cache, segment_ids,
-               branch_ids)
+def _run_block(block, x_BxTxD, positions_BxT, key_valid_BxS, query_index_T,
+               cache, segment_ids_BxT, branch_ids_BxT):
+  return block(x_BxTxD, positions_BxT, key_valid_BxS, query_index_T, cache,
+               segment_ids_BxT, branch_ids_BxT)
 
 
 class Mistral(nnx.Module):
@@ -218,8 +224,9 @@ class Mistral(nnx.Module):
                query_index_T, caches=None, segment_ids_BxT=None,
                branch_ids_BxT=None):
     with jax.named_scope("embed"):
-      x = jnp.take(self.embed_tokens.embedding[...], input_ids_BxT, axis=0)
-      x = pin(x.astype(self.cfg.dtype), BTD)
+      x_BxTxD = jnp.take(self.embed_tokens.embedding[...], input_ids_BxT,
+                         axis=0)
+      x_BxTxD = pin(x_BxTxD.astype(self.cfg.dtype), BTD)
     run = _run_block
     if self.cfg.remat:
       policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
@@ -227,12 +234,14 @@ class Mistral(nnx.Module):
       run = nnx.remat(_run_block, prevent_cse=True, policy=policy)
     new_caches = []
     for i, block in enumerate(self.layers):
-      x, cache = run(block, x, positions_BxT, key_valid_BxS, query_index_T,
-                     None if caches is None else caches[i], segment_ids_BxT,
-                     branch_ids_BxT)
-      x = pin(x, BTD)
+      x_BxTxD, cache = run(block, x_BxTxD, positions_BxT, key_valid_BxS,
+                           query_index_T,
+                           None if caches is None else caches[i],
+                           segment_ids_BxT, branch_ids_BxT)
+      x_BxTxD = pin(x_BxTxD, BTD)
       new_caches.append(cache)
-    return pin(self.norm(x), BTD), (None if caches is None else new_caches)
+    return (pin(self.norm(x_BxTxD), BTD),
+            None if caches is None else new_caches)
 
   def unembedding(self):
     if self.cfg.tie_word_embeddings:
@@ -343,17 +352,17 @@ def apply_hidden(cfg, params, input_ids, attention_mask=None, positions=None,
 
   Returns:
     [B, T, D] hidden states in ``cfg.dtype``; multiply by :func:`unembedding`
-    (or use ``losses.chunked_sequence_logps``) for log-probs.
+    (or use ``logprobs.chunked_sequence_logps``) for log-probs.
   """
   attention_mask, positions = _prepare(input_ids, attention_mask, positions,
                                        segment_ids)
   if branch_ids is not None and (segment_ids is None or positions is None):
     raise ValueError("branch_ids need segment_ids and explicit positions")
-  hidden, _ = bind(cfg, params)(input_ids, positions, attention_mask,
-                                jnp.arange(input_ids.shape[1]),
-                                segment_ids_BxT=segment_ids,
-                                branch_ids_BxT=branch_ids)
-  return hidden
+  hidden_BxTxD, _ = bind(cfg, params)(input_ids, positions, attention_mask,
+                                      jnp.arange(input_ids.shape[1]),
+                                      segment_ids_BxT=segment_ids,
+                                      branch_ids_BxT=branch_ids)
+  return hidden_BxTxD
 
 
 def unembedding(cfg, params):
@@ -366,7 +375,7 @@ def unembedding(cfg, params):
 def apply(cfg, params, input_ids, attention_mask=None, positions=None,
           segment_ids=None, branch_ids=None):
   """Next-token logits [B, T, V] in float32; see :func:`apply_hidden`."""
-  hidden = apply_hidden(cfg, params, input_ids, attention_mask, positions,
-                        segment_ids, branch_ids)
-  w = unembedding(cfg, params).astype(cfg.dtype)
-  return jnp.dot(hidden, w, preferred_element_type=jnp.float32)
+  hidden_BxTxD = apply_hidden(cfg, params, input_ids, attention_mask,
+                              positions, segment_ids, branch_ids)
+  w_DxV = unembedding(cfg, params).astype(cfg.dtype)
+  return jnp.dot(hidden_BxTxD, w_DxV, preferred_element_type=jnp.float32)

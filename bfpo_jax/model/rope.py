@@ -5,7 +5,7 @@ checkpoint with ``rope_parameters`` (Llama 3's ``llama3``, ``linear``,
 ``yarn``) gives the logits ``transformers`` gives. ``dynamic`` (NTK) and
 ``longrope`` change with the sequence length at run time and are refused.
 
-Dimension names: B batch, T tokens, N heads, H head dim.
+Dimension names are listed in :mod:`bfpo_jax`.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def rope(x_BxTxNxH, positions_BxT, theta, inv_freq=None, attention_factor=1.0):
   """Rotary embedding, half-split layout (``rotate_half``) as in transformers.
 
   Args:
-    x_BxTxNxH: queries or keys.
+    x_BxTxNxH: queries, or keys ([B, T, K, H]).
     positions_BxT: position ids.
     theta: ``rope_theta``; used when ``inv_freq`` is None (default RoPE).
     inv_freq: optional [H/2] precomputed (scaled) inverse frequencies.
