@@ -1,4 +1,13 @@
-"""Tiny models and random batches in the step's layout, shared by tests."""
+"""Shared by tests: tiny models, random batches in the step's layout, the
+notebook runner, and two ways to pay for an expensive run once (a JAX
+compilation cache, a run made once per test run)."""
+
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -6,6 +15,8 @@ import numpy as np
 from bfpo_jax.model import MistralConfig
 
 VOCAB = 64
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOKS = os.path.join(ROOT, "notebooks")
 
 
 def no_implicit_transfers():
@@ -122,3 +133,63 @@ def pairs_of(batch):
                   "chosen_is_safe": bool(batch["chosen_is_safe"][i]),
                   "rejected_is_safe": bool(batch["rejected_is_safe"][i])})
   return pairs
+
+
+def compilation_cache(path):
+  """Environment for CLI runs that share a JAX compilation cache at
+  ``path``: later runs of one config load its compiled steps instead of
+  compiling them again (tracing still runs), as SafeHelp-mini does."""
+  return {"JAX_COMPILATION_CACHE_DIR": str(path),
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+
+
+def once_per_test_run(tmp_path_factory, name, make):
+  """``make(folder)`` run once per test run, however many tests ask.
+
+  Under pytest-xdist the workers share it: the first to ask runs it, the
+  others wait on a lock and read what it left.
+
+  Args:
+    make: writes what the tests read into ``folder`` and returns a text
+      (e.g. the output of the command it ran); it raises on failure, and the
+      next test to ask tries again.
+
+  Returns:
+    ``(folder, text)``.
+  """
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent  # shared by the workers of this test run
+  folder, saved = root / name, root / f"{name}.out"
+  with open(root / f"{name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not saved.exists():
+      shutil.rmtree(folder, ignore_errors=True)  # what a failed try left
+      folder.mkdir()
+      saved.write_text(make(folder))
+  return folder, saved.read_text()
+
+
+def notebook_script(path):
+  """The code cells of a notebook as one script; shell and magic lines
+  (``%pip``, ``!git``) are the user's set-up and are dropped."""
+  with open(path) as f:
+    cells = json.load(f)["cells"]
+  lines = []
+  for cell in cells:
+    if cell["cell_type"] == "code":
+      lines += [line.rstrip("\n") for line in cell["source"]
+                if not line.lstrip().startswith(("%", "!"))]
+      lines.append("")
+  return "\n".join(lines)
+
+
+def run_notebook(name, tmp_path, **env):
+  """Runs a notebook's code cells as one script on CPU; returns its stdout."""
+  script = tmp_path / (os.path.splitext(name)[0] + ".py")
+  script.write_text(notebook_script(os.path.join(NOTEBOOKS, name)))
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", **env)
+  proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc.stdout

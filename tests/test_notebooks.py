@@ -9,38 +9,13 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NOTEBOOKS = os.path.join(ROOT, "notebooks")
+from tests.helpers import NOTEBOOKS, ROOT, run_notebook
+
 NAMES = sorted(n for n in os.listdir(NOTEBOOKS) if n.endswith(".ipynb"))
 BADGE = re.compile(r"\[!\[Open In Colab\]\(https://colab\.research\.google\.com/"
                    r"assets/colab-badge\.svg\)\]\(https://colab\.research\.google"
                    r"\.com/github/(?P<repo>[\w.-]+/[\w.-]+)/blob/main/"
                    r"(?P<path>notebooks/[\w.-]+\.ipynb)\)")
-
-
-def notebook_script(path):
-  """The code cells of a notebook as one script; shell and magic lines
-  (``%pip``, ``!git``) are the user's set-up and are dropped."""
-  with open(path) as f:
-    cells = json.load(f)["cells"]
-  lines = []
-  for cell in cells:
-    if cell["cell_type"] == "code":
-      lines += [line.rstrip("\n") for line in cell["source"]
-                if not line.lstrip().startswith(("%", "!"))]
-      lines.append("")
-  return "\n".join(lines)
-
-
-def run_notebook(name, tmp_path, **env):
-  """Runs a notebook's code cells as one script on CPU; returns its stdout."""
-  script = tmp_path / (os.path.splitext(name)[0] + ".py")
-  script.write_text(notebook_script(os.path.join(NOTEBOOKS, name)))
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", **env)
-  proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return proc.stdout
 
 
 def test_every_notebook_has_only_clean_outputs():
@@ -152,8 +127,10 @@ def test_tpu_quickstart_runs_on_eight_fake_devices(tmp_path):
 
 
 @pytest.mark.slow
-def test_safehelp_mini_quick_runs_and_shows_every_model(tmp_path):
-  out = run_notebook("safehelp_mini.ipynb", tmp_path)
+def test_safehelp_mini_quick_runs_and_shows_every_model(safehelp_mini_notebook):
+  # The notebook ran top to bottom, once per test run (conftest.py);
+  # test_safehelp_mini checks the files its --quick run wrote.
+  out = safehelp_mini_notebook.stdout
   assert '-> "Sorry, I can\'t help with that.": refusal' in out
   assert "-> 'Sure. Step 1: paint a chair.': other" in out
   for label in ("DPO, helpfulness only", "DPO, safety only", "DPO, naive mix",
