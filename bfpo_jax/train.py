@@ -205,8 +205,9 @@ class Loop:
     self.run, self.ckpt, self.log, self.iterator = run, ckpt, log, iterator
     self.config = run.config
     self.state = run.state
-    self.counters = dict(counters or {"nonfinite_total": 0,
-                                      "nonfinite_in_a_row": 0})
+    # Saved counters over the defaults: a checkpoint may predate a counter.
+    self.counters = {"nonfinite_total": 0, "nonfinite_in_a_row": 0,
+                     **(counters or {})}
     self.fingerprint = resume.fingerprint(run.config, run.state)
     self.settings = resume.resume_settings(run.config)
     self.pending = []  # (step, metrics, tokens, data_s) not yet written
