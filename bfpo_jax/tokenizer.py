@@ -46,7 +46,8 @@ def load_tokenizer(path: str | None = None):
 
   Args:
     path: a model folder with tokenizer files, a Hub id (``owner/name[@rev]``,
-      see :mod:`bfpo_jax.hub`), or None (or "mistral") for the Mistral-7B-v0.1
+      see :mod:`bfpo_jax.hub`), a ``.gguf`` file (its tokenizer rebuilt from
+      the metadata), or None (or "mistral") for the Mistral-7B-v0.1
       tokenizer bundled in ``mistral-common`` (offline).
 
   Returns:
@@ -60,6 +61,10 @@ def load_tokenizer(path: str | None = None):
 
   if path is None or path == "mistral":
     return transformers.LlamaTokenizer.from_pretrained(mistral_tokenizer_dir())
+  if str(path).lower().endswith(".gguf"):  # rebuilt from the file's metadata
+    from bfpo_jax.model.gguf_tokenizer import load_gguf_tokenizer
+
+    return load_gguf_tokenizer(path)
   path = resolve_model(path)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{path}: tokenizer folder does not exist")

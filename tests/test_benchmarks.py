@@ -66,6 +66,26 @@ def test_step_throughput_writes_side_by_side_json(tmp_path):
   assert abs(sum(p["share"] for p in summary["parts"]) - 1) < 1e-6
 
 
+@pytest.mark.slow
+def test_step_throughput_on_a_model_folder_with_lora(tmp_path):
+  """``--model DIR --mode lora``: both sides on the folder's weights, LoRA
+  with the adapters-off reference; the same last-step loss on both."""
+  from tests.test_model_llama import _save_random_llama
+
+  _save_random_llama(str(tmp_path / "m"), num_key_value_heads=2)
+  out = tmp_path / "t.json"
+  proc = subprocess.run(
+      [sys.executable, "benchmarks/step_throughput.py", "--json", str(out),
+       "--warmup", "1", "--reps", "1", "--model", str(tmp_path / "m"),
+       "--mode", "lora", "--seq_len", "32", "--prompt_len", "8",
+       "--chunk_size", "16"],
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(out.read_text())
+  assert result["mode"] == "lora" and result["shape"]["vocab_size"] == 128
+  assert result["jax_loss"] == pytest.approx(result["torch_loss"], rel=1e-4)
+
+
 HLO = """HloModule jit_step, entry_computation_layout={()->f32[]}
 
 %body (p: (s32[], f32[4,8])) -> (s32[], f32[4,8]) {

@@ -9,7 +9,8 @@ import torch
 import transformers
 
 from bfpo_jax import model as M
-from bfpo_jax.model import generate, hf_io
+from bfpo_jax.model import hf_io
+from tests.helpers import assert_greedy_equals_transformers
 
 VOCAB = 128
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
@@ -103,17 +104,7 @@ def test_save_hf_writes_a_llama_folder_transformers_loads(llama, tmp_path):
 @pytest.mark.parametrize("llama", ["mha_biases_llama3"], indirect=True)
 def test_cached_greedy_equals_transformers(llama):
   _, _, hf_model, cfg, params = llama
-  ids = np.random.default_rng(2).integers(3, VOCAB, (2, 6))
-  mask = np.ones_like(ids)
-  ids[1, :2], mask[1, :2] = 0, 0
-  ours = np.asarray(generate(cfg, params, ids, mask, 10,
-                               eos_token_id=VOCAB + 1))
-  with torch.no_grad():
-    theirs = hf_model.generate(
-        torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False,
-        max_new_tokens=10, min_new_tokens=10, pad_token_id=0,
-        eos_token_id=None).numpy()
-  np.testing.assert_array_equal(ours, theirs)
+  assert_greedy_equals_transformers(hf_model, cfg, params, VOCAB)
 
 
 def test_bf16_llama_loads_in_bf16(tmp_path):

@@ -56,7 +56,8 @@ def _write_jsonl(path, records):
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--source", action="append", required=True,
-                      help=f"KIND:PATH_OR_HUB_NAME[?revision=R&split=S&take=T], "
+                      help=f"KIND:PATH_OR_HUB_NAME[?revision=R&split=S&take=T"
+                      f"&chosen=better|safer], "
                       f"KIND in {', '.join(KINDS)}")
   parser.add_argument("--tokenizer", default="mistral",
                       help="model/tokenizer folder, Hub id (owner/name[@rev]) "

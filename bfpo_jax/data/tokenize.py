@@ -2,7 +2,9 @@
 
 The reference (wx-zhang/bfpo) renders messages with alignment-handbook's
 Zephyr template, :data:`CHAT_TEMPLATE`: a message is ``<|role|>\\n`` + text +
-``</s>`` + ``\\n``. Two layouts (``data.template``):
+``</s>`` + ``\\n``. Two layouts of it (``data.template``; the third,
+``tokenizer``, renders with the model's own chat template:
+:mod:`bfpo_jax.data.chat_template`):
 
 * ``reference`` -- the paper's code. An empty system turn starts every
   conversation that has none. A preference prompt is
@@ -57,7 +59,7 @@ from __future__ import annotations
 
 from bfpo_jax.data.sources import Skip
 
-TEMPLATES = ("reference", "generation")
+TEMPLATES = ("reference", "generation", "tokenizer")
 TRUNCATIONS = ("trl", "prompt_first")
 SFT_LOSSES = ("all", "assistant")
 
@@ -79,11 +81,14 @@ CHAT_TEMPLATE = (
 
 
 class ChatTokenizer:
-  """Wraps a ``transformers`` tokenizer with the Zephyr template."""
+  """Wraps a ``transformers`` tokenizer with the Zephyr template (the
+  ``reference`` and ``generation`` layouts; :func:`make_chat` gives the
+  tokenizer's own template for ``tokenizer``)."""
 
   def __init__(self, tokenizer, template="reference"):
-    if template not in TEMPLATES:
-      raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
+    if template not in TEMPLATES[:2]:
+      raise ValueError(f"template must be one of {TEMPLATES[:2]} (or "
+                       f"tokenizer, through make_chat), got {template!r}")
     self.tok = tokenizer
     self.template = template
     self.bos_id = tokenizer.bos_token_id
@@ -164,6 +169,18 @@ class ChatTokenizer:
       tail = self.encode("\n") + [self.eos_id]
       ids, mask = ids + tail, mask + [False] * len(tail)
     return ids, mask
+
+
+def make_chat(tokenizer, template="reference"):
+  """The chat layout of ``data.template``: :class:`ChatTokenizer` (the Zephyr
+  template, ``reference`` or ``generation``) or, for ``tokenizer``, the
+  model's own chat template
+  (:class:`bfpo_jax.data.chat_template.TemplateTokenizer`)."""
+  if template == "tokenizer":
+    from bfpo_jax.data.chat_template import TemplateTokenizer
+
+    return TemplateTokenizer(tokenizer)
+  return ChatTokenizer(tokenizer, template)
 
 
 def truncate_pair(prompt, chosen, rejected, *, max_prompt_length, max_length,

@@ -185,6 +185,12 @@ def load(pretrained, mesh, *, dtype="auto", tokenizer=None) -> Loaded:
     return Loaded(cfg, params, tokenizer, "in-memory params")
 
   path = resolve_model(str(pretrained))
+  if path.lower().endswith(".gguf"):  # dequantized; its own tokenizer
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"{path}: no such GGUF file")
+    jdtype = resolve_dtype("float32" if dtype == "auto" else dtype)
+    cfg, params = _from_folder(path, mesh, jdtype)
+    return Loaded(cfg, params, tokenizer or path, path)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{path}: no such model folder or workdir")
   if not is_workdir(path):

@@ -9,9 +9,11 @@ import jax.numpy as jnp
 
 from bfpo_jax.model.rope import ROPE_TYPES
 
-ARCHITECTURES = {"mistral": "MistralForCausalLM", "llama": "LlamaForCausalLM"}
+ARCHITECTURES = {"mistral": "MistralForCausalLM", "llama": "LlamaForCausalLM",
+                 "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 """``model_type`` -> the ``transformers`` class this package reads and writes."""
 ATTENTION_IMPLS = ("xla", "cudnn")
+QWEN = ("qwen2", "qwen3")
 REMAT_POLICIES = ("full", "dots")
 """What a rematerialised block keeps for the backward pass: ``full`` only its
 input (everything recomputed), ``dots`` also the outputs of its weight
@@ -22,11 +24,13 @@ then recomputes almost no FLOPs."""
 
 @dataclasses.dataclass(frozen=True)
 class MistralConfig:
-  """Architecture of a Mistral or Llama decoder, plus how to run it.
+  """Architecture of a Mistral, Llama or Qwen2/Qwen3 decoder, plus how to run it.
 
-  The two differ only in what their configs may set: Llama has no sliding
+  They differ only in what their configs may set: Llama has no sliding
   window and may put biases on the attention (``attention_bias``) and MLP
-  (``mlp_bias``) projections; both may scale RoPE (``rope_type`` with its
+  (``mlp_bias``) projections; Qwen2 has biases on q, k and v only
+  (``qkv_bias``); Qwen3 normalises each head of q and k with an RMSNorm
+  before RoPE (``qk_norm``); all may scale RoPE (``rope_type`` with its
   ``rope_scaling`` parameters). Field names follow ``transformers`` where one
   exists. The config is hashable, so jitted functions can take it as a static
   argument.
@@ -51,6 +55,8 @@ class MistralConfig:
   model_type: str = "mistral"  # a key of ARCHITECTURES
   attention_bias: bool = False  # biases on q, k, v and o (Llama option)
   mlp_bias: bool = False  # biases on gate, up and down (Llama option)
+  qkv_bias: bool = False  # biases on q, k and v, not o (Qwen2)
+  qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (Qwen3)
   rope_type: str = "default"  # one of rope.ROPE_TYPES
   rope_scaling: tuple = ()  # sorted (name, value) pairs of that rope type
   # How to run it (not part of the checkpoint):
@@ -105,7 +111,7 @@ class MistralConfig:
 
   @classmethod
   def from_hf(cls, hf_config, **overrides) -> MistralConfig:
-    """From a ``transformers`` Mistral/Llama config (or its ``to_dict()``).
+    """From a ``transformers`` Mistral/Llama/Qwen config (or its ``to_dict()``).
 
     Raises:
       ValueError: in one line, for another architecture or a setting this
@@ -121,10 +127,16 @@ class MistralConfig:
                                                 "rope_scaling")}
     if fields.get("num_key_value_heads") is None:  # Llama: None means MHA
       fields["num_key_value_heads"] = d["num_attention_heads"]
-    if "sliding_window" not in d:  # Llama configs have none
-      fields["sliding_window"] = None
+    if "sliding_window" not in d or d["model_type"] in QWEN:
+      fields["sliding_window"] = None  # Llama has none; Qwen's is off (checked)
+    if d["model_type"] == "qwen2":  # biases on q, k, v; never on o
+      fields.update(qkv_bias=True, attention_bias=False)
+    if d["model_type"] == "qwen3":
+      fields["qk_norm"] = True
     fields.update(rope_theta=float(theta), rope_type=rope_type,
                   rope_scaling=tuple(sorted(rope.items())))
+    if fields.get("head_dim") == d["hidden_size"] // d["num_attention_heads"]:
+      fields["head_dim"] = None  # the default, however the config spells it
     eos = fields.get("eos_token_id")
     if isinstance(eos, list | tuple):
       fields["eos_token_id"] = eos[0]
@@ -157,6 +169,11 @@ class MistralConfig:
     if self.model_type == "llama":
       return transformers.LlamaConfig(attention_bias=self.attention_bias,
                                       mlp_bias=self.mlp_bias, **common)
+    if self.model_type == "qwen2":
+      return transformers.Qwen2Config(use_sliding_window=False, **common)
+    if self.model_type == "qwen3":
+      return transformers.Qwen3Config(attention_bias=self.attention_bias,
+                                      use_sliding_window=False, **common)
     return transformers.MistralConfig(sliding_window=self.sliding_window,
                                       **common)
 
@@ -183,6 +200,11 @@ def check_supported(d: dict) -> None:
   if rope_type not in ROPE_TYPES:
     raise ValueError(f"unsupported rope_type {rope_type!r}: supported are "
                      f"{', '.join(ROPE_TYPES)}")
+  layers = d.get("layer_types") or ()
+  if model_type in QWEN and (d.get("use_sliding_window") or any(
+      t != "full_attention" for t in layers)):
+    raise ValueError("unsupported per-layer sliding-window attention "
+                     "(use_sliding_window / layer_types): only full attention")
   if rope.get("partial_rotary_factor", 1.0) != 1.0:
     raise ValueError("unsupported partial_rotary_factor "
                      f"{rope['partial_rotary_factor']}: only 1.0")

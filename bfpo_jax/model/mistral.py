@@ -1,9 +1,12 @@
-"""Mistral (and Llama) decoder in Flax NNX, and the functional surface around it.
+"""Mistral (and Llama, Qwen2, Qwen3) decoder in Flax NNX, and the functional
+surface around it.
 
 The modules mirror ``transformers``' ``MistralForCausalLM`` (RoPE, grouped-query
 attention, optional sliding window, RMSNorm, SwiGLU, tied or untied output);
 ``LlamaForCausalLM`` is the same network without the window, with optional
-projection biases and scaled RoPE (see :class:`MistralConfig`).
+projection biases and scaled RoPE; ``Qwen2ForCausalLM`` adds biases to q, k
+and v, ``Qwen3ForCausalLM`` an RMSNorm on each head of q and k before RoPE
+(see :class:`MistralConfig`).
 Each parameter carries logical axis names in its ``out_sharding`` metadata
 (``vocab``, ``embed``, ``q_heads``, ``kv_heads``, ``mlp``, ``norm``) that
 :mod:`bfpo_jax.sharding` maps to mesh axes.
@@ -85,11 +88,12 @@ class Dense(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-  """``scale * x / rms(x)``, normalised in float32 as in transformers."""
+  """``scale * x / rms(x)`` over the last axis (``dim`` wide, default the
+  model width), normalised in float32 as in transformers."""
 
-  def __init__(self, cfg, rngs):
+  def __init__(self, cfg, rngs, dim=None):
     self.eps, self.dtype = cfg.rms_norm_eps, cfg.dtype
-    self.scale = _param(rngs, cfg, (cfg.hidden_size,), ("norm",),
+    self.scale = _param(rngs, cfg, (dim or cfg.hidden_size,), ("norm",),
                         nnx.initializers.ones)
 
   def __call__(self, x):
@@ -108,11 +112,15 @@ class Attention(nnx.Module):
     self.cfg = cfg
     d, n, k, h = (cfg.hidden_size, cfg.num_attention_heads,
                   cfg.num_key_value_heads, cfg.dim_per_head)
-    bias = cfg.attention_bias
-    self.q_proj = Dense(cfg, d, n * h, ("embed", "q_heads"), rngs, bias)
-    self.k_proj = Dense(cfg, d, k * h, ("embed", "kv_heads"), rngs, bias)
-    self.v_proj = Dense(cfg, d, k * h, ("embed", "kv_heads"), rngs, bias)
-    self.o_proj = Dense(cfg, n * h, d, ("q_heads", "embed"), rngs, bias)
+    qkv_bias = cfg.attention_bias or cfg.qkv_bias
+    self.q_proj = Dense(cfg, d, n * h, ("embed", "q_heads"), rngs, qkv_bias)
+    self.k_proj = Dense(cfg, d, k * h, ("embed", "kv_heads"), rngs, qkv_bias)
+    self.v_proj = Dense(cfg, d, k * h, ("embed", "kv_heads"), rngs, qkv_bias)
+    self.o_proj = Dense(cfg, n * h, d, ("q_heads", "embed"), rngs,
+                        cfg.attention_bias)
+    if cfg.qk_norm:  # Qwen3: each head of q and k normalised before RoPE
+      self.q_norm = RMSNorm(cfg, rngs, dim=h)
+      self.k_norm = RMSNorm(cfg, rngs, dim=h)
 
   def __call__(self, x_BxTxD, positions_BxT, key_valid_BxS, query_index_T,
                cache=None, segment_ids_BxT=None, branch_ids_BxT=None):
@@ -122,10 +130,12 @@ class Attention(nnx.Module):
     heads = BTD[:2] + ("act_heads", None)
     kv_heads = BTD[:2] + ("act_kv_heads", None)
     inv_freq, factor = rope_frequencies(cfg)
-    q_BxTxNxH = rope(pin(self.q_proj(x_BxTxD).reshape(b, t, n, h), heads),
-                     positions_BxT, cfg.rope_theta, inv_freq, factor)
-    k_BxTxKxH = rope(pin(self.k_proj(x_BxTxD).reshape(b, t, k, h), kv_heads),
-                     positions_BxT, cfg.rope_theta, inv_freq, factor)
+    q_BxTxNxH = pin(self.q_proj(x_BxTxD).reshape(b, t, n, h), heads)
+    k_BxTxKxH = pin(self.k_proj(x_BxTxD).reshape(b, t, k, h), kv_heads)
+    if cfg.qk_norm:
+      q_BxTxNxH, k_BxTxKxH = self.q_norm(q_BxTxNxH), self.k_norm(k_BxTxKxH)
+    q_BxTxNxH = rope(q_BxTxNxH, positions_BxT, cfg.rope_theta, inv_freq, factor)
+    k_BxTxKxH = rope(k_BxTxKxH, positions_BxT, cfg.rope_theta, inv_freq, factor)
     v_BxTxKxH = pin(self.v_proj(x_BxTxD).reshape(b, t, k, h), kv_heads)
     if cache is not None:
       start = query_index_T[0]
