@@ -86,8 +86,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.trainable.lora_alpha = 32.0  # LoRA scale = alpha / rank
 
   c.data = ml_collections.ConfigDict()
-  # "KIND:PATH_OR_HUB_NAME[?revision=R&split=S&take=T]" strings (see
-  # bfpo_jax.data); take = the first fraction (0.2) or count of the rows.
+  # "KIND:PATH_OR_HUB_NAME[?revision=R&split=S&take=T&chosen=C]" strings (see
+  # bfpo_jax.data); take = the first fraction (0.2) or count of the rows;
+  # chosen = safer: PKU-SafeRLHF pairs ranked by safety (SACPO's second stage)
   c.data.sources = ()
   c.data.limit_per_source = 0  # 0 = all; else a seeded random subset
   c.data.mixture = "concat"  # concat (count-based) | weighted
@@ -109,7 +110,9 @@ def default_config() -> ml_collections.ConfigDict:
   # holds any pair cut to max_length
   c.data.pairs_per_row = 8  # most pairs in a packed row (shapes stay static)
   c.data.num_workers = 0  # tokenization processes
-  c.data.template = "reference"  # reference (the paper's code) | generation
+  c.data.template = "reference"  # reference (the paper's code, Zephyr's
+  # template) | generation (Zephyr's, as at inference) | tokenizer (the
+  # model's own chat template, rendered as TRL does)
   c.data.truncation = "trl"  # trl (the reference's) | prompt_first
   c.data.sft_loss = "all"  # all tokens (the reference's SFT) | assistant
   c.data.pack_sft = False  # pack SFT examples into rows of max_length
@@ -145,6 +148,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.loss.average_logps = ml_collections.config_dict.placeholder(bool)  # False:
   # sum over response tokens, as the BFPO paper
   c.loss.precompute_reference = False  # reference log-probs once, up front
+  c.loss.reference_cache = ""  # a folder runs share: precomputed reference
+  # log-probs kept under a fingerprint of what determines them and read back
+  # by any run that matches it (implies precompute_reference); "" = off
   c.loss.chunk_size = 256  # tokens per log-prob chunk (prompt/pad chunks skipped)
   c.loss.vocab_chunk_size = 0  # also stream the vocabulary in chunks of this
   # many columns (less memory for big vocabularies); 0 = the whole vocabulary
@@ -197,7 +203,8 @@ def step_settings(config) -> dict:
       buffer_weight=config.data.buffer_weight,
       buffer_task=config.data.buffer_task, mode=t.mode,
       lora_scale=t.lora_alpha / t.lora_rank,
-      precomputed_reference=config.loss.precompute_reference)
+      precomputed_reference=bool(config.loss.precompute_reference
+                                 or config.loss.reference_cache))
 
 
 def describe_loss(config) -> str:
@@ -237,8 +244,12 @@ def validate(config, num_devices: int) -> None:
     if value not in allowed:
       raise ConfigError(f"{field}: {value!r} is not one of {allowed}")
   source = config.init_from or config.model.hf_path
-  if source and not os.path.isdir(source) and not is_hub_id(source):
-    field = "init_from" if config.init_from else "model.hf_path"
+  field = "init_from" if config.init_from else "model.hf_path"
+  gguf = source.lower().endswith(".gguf")
+  if gguf and not os.path.isfile(source):
+    raise ConfigError(f"{field}: GGUF file {source!r} does not exist")
+  if source and not gguf and not os.path.isdir(source) and not is_hub_id(
+      source):
     raise ConfigError(f"{field}: model folder {source!r} does not exist (nor "
                       "is it a Hub id owner/name[@revision])")
   if not source and config.model.preset not in PRESETS:
@@ -279,9 +290,10 @@ def validate(config, num_devices: int) -> None:
                       f"{config.optimizer.learning_rate} must be >= 0")
   if config.max_steps <= 0 and config.num_epochs <= 0:
     raise ConfigError("num_epochs or max_steps must be positive")
-  if config.loss.precompute_reference and config.stage == "sft":
-    raise ConfigError("loss.precompute_reference: the sft stage has no "
-                      "reference policy")
+  for field in ("precompute_reference", "reference_cache"):
+    if config.loss[field] and config.stage == "sft":
+      raise ConfigError(f"loss.{field}: the sft stage has no reference "
+                        "policy")
   if config.logging.wandb and importlib.util.find_spec("wandb") is None:
     raise ConfigError("logging.wandb: the wandb package is not installed; "
                       "pip install 'bfpo-jax[wandb]' (or pip install wandb)")

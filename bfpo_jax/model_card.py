@@ -156,8 +156,10 @@ def render(config, *, source: str, base_model: str, license_id: str,
               'tokenizer = AutoTokenizer.from_pretrained("THIS_FOLDER")',
               'model = AutoModelForCausalLM.from_pretrained("THIS_FOLDER")',
               "```", "",
-              "The tokenizer carries the Zephyr chat template the model was "
-              "trained on (`apply_chat_template`)."]
+              "The tokenizer carries the chat template the model was trained "
+              "on (`apply_chat_template`): " + (
+                  "the base model's own." if config.data.template == "tokenizer"
+                  else "Zephyr's, as the BFPO reference trainer uses it.")]
   lines += ["", "## Citation", "", "```bibtex", CITATION, "```", ""]
   return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)
 

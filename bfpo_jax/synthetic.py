@@ -15,6 +15,18 @@ see "chosen beats rejected", settle on a ranking set by the data proportions.
 BFPO's labeling function reads the safety flags and recovers the global
 ranking.
 
+Two safety-aware baselines run on the same two sources:
+
+* SACPO (Wachi et al., NeurIPS 2024): DPO on the helpfulness pairs, then DPO
+  on the safety pairs from that policy, which is also the second stage's
+  reference; ``sacpo_safety_first`` runs the two stages the other way round,
+  as the authors also do. Each stage takes the experiment's 1800 steps. The
+  safety stage's beta is a tenth of the helpfulness stage's (tau), the ratio
+  of the authors' scripts (0.01 and 0.1; configs/sacpo.py).
+* P-SACPO: the linear merge ``(1 - W) * helpful + W * stepwise`` of the two
+  SACPO policies' parameters (here the logits), for the authors' W of 0.25,
+  0.5 and 0.75 (line/sacpo config/merge/linear_*.yaml).
+
 Run: ``python -m bfpo_jax.synthetic --out runs/synthetic`` (under a minute on a
 CPU); writes ``results.json`` and ``synthetic.png``.
 """
@@ -37,7 +49,13 @@ CATEGORIES = ("helpful_safe", "unhelpful_safe", "unhelpful_unsafe",
               "helpful_unsafe")
 HS, US, UU, HU = range(4)
 _SAFE = np.array([True, True, False, False])
-METHODS = ("bfpo", "dpo", "ipo")
+METHODS = ("bfpo", "dpo", "ipo")  # one training run on the mixed set
+STAGED = {  # two DPO runs in turn, each on one source: (first, second)
+    "sacpo": ("helpfulness", "safety"),
+    "sacpo_safety_first": ("safety", "helpfulness"),
+}
+MERGE_WEIGHTS = (0.25, 0.5, 0.75)  # P-SACPO: the stepwise model's weight
+SAFETY_BETA_RATIO = 0.1  # safety-stage beta / helpfulness-stage beta
 
 # (chosen, rejected, relative frequency). Helpfulness pairs rank by
 # helpfulness only; safety pairs always prefer the safe response.
@@ -70,9 +88,20 @@ def preference_set(helpfulness_share=0.5):
   }
 
 
-def _loss(method, logits_J, batch, beta, alpha):
+def source_set(data, source):
+  """The rows of one source (``"helpfulness"`` or ``"safety"``) of a
+  :func:`preference_set`, its sampling probabilities renormalised."""
+  n_help = len(HELPFULNESS_PAIRS)
+  rows = slice(0, n_help) if source == "helpfulness" else slice(n_help, None)
+  out = {k: v[rows] for k, v in data.items()}
+  out["probs"] = (out["probs"] / out["probs"].sum()).astype(np.float32)
+  return out
+
+
+def _loss(method, logits_J, batch, beta, alpha, ref_logp_J=None):
   logp_J = jax.nn.log_softmax(logits_J)
-  ref_logp_J = jnp.full_like(logp_J, -jnp.log(logp_J.shape[0]))
+  if ref_logp_J is None:  # the uniform reference of the paper's experiment
+    ref_logp_J = jnp.full_like(logp_J, -jnp.log(logp_J.shape[0]))
   chosen, rejected = logp_J[batch["chosen"]], logp_J[batch["rejected"]]
   ref_chosen, ref_rejected = ref_logp_J[batch["chosen"]], ref_logp_J[
       batch["rejected"]]
@@ -92,7 +121,6 @@ def _loss(method, logits_J, batch, beta, alpha):
   return loss
 
 
-@functools.partial(jax.jit, static_argnames=("method", "steps", "batch_size"))
 def train(method, seed, data, *, steps=1800, batch_size=32, lr=0.01, beta=1.0,
           alpha=0.5):
   """Trains one tabular policy; the whole loop is a ``lax.scan``.
@@ -110,8 +138,29 @@ def train(method, seed, data, *, steps=1800, batch_size=32, lr=0.01, beta=1.0,
   Returns:
     [steps + 1, 4] probabilities of each category, from initialisation on.
   """
+  return train_from(method, seed, data, steps=steps, batch_size=batch_size,
+                    lr=lr, beta=beta, alpha=alpha)[1]
+
+
+@functools.partial(jax.jit, static_argnames=("method", "steps", "batch_size"))
+def train_from(method, seed, data, init_logits=None, reference_logits=None, *,
+               steps=1800, batch_size=32, lr=0.01, beta=1.0, alpha=0.5):
+  """:func:`train` from given logits against a given reference.
+
+  Args:
+    init_logits: [4] logits to start from (None: zeros, the uniform policy).
+    reference_logits: [4] logits of the frozen reference (None: uniform).
+    The others as :func:`train`.
+
+  Returns:
+    ``(logits, history)``: the final [4] logits and the [steps + 1, 4]
+    probabilities from the start on.
+  """
   optimizer = optax.adam(lr)
-  logits_J = jnp.zeros(len(CATEGORIES), jnp.float32)
+  logits_J = (jnp.zeros(len(CATEGORIES), jnp.float32) if init_logits is None
+              else jnp.asarray(init_logits, jnp.float32))
+  ref_logp_J = (None if reference_logits is None
+                else jax.nn.log_softmax(jnp.asarray(reference_logits)))
   arrays = {k: jnp.asarray(v) for k, v in data.items() if k != "probs"}
   probs = jnp.asarray(data["probs"])
 
@@ -120,14 +169,46 @@ def train(method, seed, data, *, steps=1800, batch_size=32, lr=0.01, beta=1.0,
     index_B = jax.random.choice(key, probs.shape[0], (batch_size,), p=probs)
     batch = {k: v[index_B] for k, v in arrays.items()}
     grads = jax.grad(functools.partial(_loss, method))(logits_J, batch, beta,
-                                                       alpha)
+                                                       alpha, ref_logp_J)
     updates, opt_state = optimizer.update(grads, opt_state, logits_J)
     logits_J = optax.apply_updates(logits_J, updates)
     return (logits_J, opt_state), jax.nn.softmax(logits_J)
 
   keys = jax.random.split(jax.random.key(seed), steps)
-  _, history = jax.lax.scan(step, (logits_J, optimizer.init(logits_J)), keys)
-  return jnp.concatenate([jax.nn.softmax(logits_J)[None], history])
+  (final_J, _), history = jax.lax.scan(
+      step, (logits_J, optimizer.init(logits_J)), keys)
+  return final_J, jnp.concatenate([jax.nn.softmax(logits_J)[None], history])
+
+
+def train_stepwise(seed, data, order=("helpfulness", "safety"), *, steps=1800,
+                   beta=1.0, safety_beta_ratio=SAFETY_BETA_RATIO):
+  """SACPO on the tabular policy: DPO on one source, then DPO on the other
+  from (and against) the first stage's policy.
+
+  Args:
+    seed: int; the second stage draws its batches from ``seed + 1000``.
+    data: output of :func:`preference_set`; each stage reads one source.
+    order: the sources in training order.
+    steps: optimizer steps of each stage.
+    beta: the helpfulness stage's beta (tau).
+    safety_beta_ratio: the safety stage's beta over ``beta``.
+
+  Returns:
+    ``(first_logits, final_logits, history)``: the [4] logits after each
+    stage and the [2 * steps + 1, 4] probabilities over both.
+  """
+  betas = {"helpfulness": beta, "safety": beta * safety_beta_ratio}
+  first, history_1 = train_from("dpo", seed, source_set(data, order[0]),
+                                steps=steps, beta=betas[order[0]])
+  final, history_2 = train_from("dpo", seed + 1000, source_set(data, order[1]),
+                                first, first, steps=steps, beta=betas[order[1]])
+  return first, final, jnp.concatenate([history_1, history_2[1:]])
+
+
+def merged_probs(helpful_logits, stepwise_logits, weight):
+  """P-SACPO: the policy of ``(1 - W) * helpful + W * stepwise`` logits."""
+  return jax.nn.softmax((1.0 - weight) * jnp.asarray(helpful_logits)
+                        + weight * jnp.asarray(stepwise_logits), axis=-1)
 
 
 def ranking(probs_J):
@@ -135,26 +216,44 @@ def ranking(probs_J):
   return [CATEGORIES[i] for i in np.argsort(-np.asarray(probs_J), kind="stable")]
 
 
+def _result(final_per_seed):
+  final = final_per_seed.mean(axis=0)
+  log_probs = np.log(final_per_seed).mean(axis=0)  # orders the tiny ones
+  return {"final_probs": dict(zip(CATEGORIES, map(float, final))),
+          "mean_log_probs": dict(zip(CATEGORIES, map(float, log_probs))),
+          "ranking": ranking(final),
+          "ranking_per_seed": [ranking(p) for p in final_per_seed]}
+
+
 def run(seeds=(0, 1, 2, 3, 4), steps=1800, helpfulness_share=0.5):
   """Runs every method over every seed.
 
   Returns:
     ``(results, histories)``: ``results[method]`` holds the final probability
-    of each category (mean over seeds), the ``ranking`` from that mean, and the
-    ranking of each seed; ``histories[method]`` is [seeds, steps + 1, 4].
+    of each category (mean over seeds), the mean of its log over seeds, the
+    ``ranking`` from the mean probabilities, and the ranking of each seed;
+    ``histories[method]`` is [seeds, steps + 1, 4] ([seeds, 2 * steps + 1,
+    4] for SACPO's two stages; merges have none).
   """
   data = preference_set(helpfulness_share)
   results, histories = {}, {}
   for method in METHODS:
     history = np.asarray(jax.vmap(
         lambda s, m=method: train(m, s, data, steps=steps))(jnp.asarray(seeds)))
-    final = history[:, -1].mean(axis=0)
     histories[method] = history
-    results[method] = {
-        "final_probs": dict(zip(CATEGORIES, map(float, final))),
-        "ranking": ranking(final),
-        "ranking_per_seed": [ranking(h[-1]) for h in history],
-    }
+    results[method] = _result(history[:, -1])
+  stepwise = {}
+  for name, order in STAGED.items():
+    first, final, history = (np.asarray(x) for x in jax.vmap(
+        lambda s, o=order: train_stepwise(s, data, o, steps=steps))(
+            jnp.asarray(seeds)))
+    stepwise[name] = (first, final)
+    histories[name] = history
+    results[name] = _result(history[:, -1])
+  helpful, steps_both = stepwise["sacpo"]
+  for weight in MERGE_WEIGHTS:
+    results[f"p_sacpo_{weight:g}"] = _result(np.asarray(
+        merged_probs(helpful, steps_both, weight)))
   return results, histories
 
 
@@ -200,7 +299,7 @@ def main(argv=None):
   plot(histories, os.path.join(args.out, "synthetic.png"))
   for method, result in results.items():
     probs = " ".join(f"{k}={v:.3f}" for k, v in result["final_probs"].items())
-    print(f"{method:5s} {' > '.join(result['ranking'])}\n      {probs}")
+    print(f"{method:18s} {' > '.join(result['ranking'])}\n{'':19s}{probs}")
   print(f"wrote {args.out}/results.json and {args.out}/synthetic.png")
 
 

@@ -283,8 +283,11 @@ def preference_loss(step_cfg, policy, reference, batch, *, reduce=True):
     return losses.dpo_loss(*args, beta=step_cfg.beta,
                            label_smoothing=step_cfg.label_smoothing,
                            weights=weights, reduce=reduce, **flags)
-  return losses.ipo_loss(*args, beta=step_cfg.beta, weights=weights,
-                         reduce=reduce, **flags)
+  if step_cfg.stage == "ipo":
+    return losses.ipo_loss(*args, beta=step_cfg.beta, weights=weights,
+                           reduce=reduce, **flags)
+  raise ValueError(f"preference_loss: stage {step_cfg.stage!r} has no "
+                   "preference loss")
 
 
 def _reference_logps(model_cfg, step_cfg, state, batch, mesh):

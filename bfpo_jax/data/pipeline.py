@@ -21,7 +21,7 @@ from bfpo_jax.data.tokenize import (
     SFT_LOSSES,
     TEMPLATES,
     TRUNCATIONS,
-    ChatTokenizer,
+    make_chat,
     tokenize_pair,
     tokenize_sft,
 )
@@ -35,7 +35,7 @@ the one with the fewest padded tokens on the paper's length mix
 
 
 def _tokenize_chunk(tokenizer, task, options, records):
-  chat = ChatTokenizer(tokenizer, options["template"])
+  chat = make_chat(tokenizer, options["template"])
   out = []
   for record in records:
     try:
@@ -110,12 +110,15 @@ def prepare(specs: list[SourceSpec], tokenizer, *, task: str,
                       f"this stage needs {task!r}")
     records, source_report = load_records(spec, seed)
     fn = functools.partial(_tokenize_chunk, tokenizer, task, options)
-    if num_workers and len(records) > 2000:
-      chunks = [records[i:i + 1000] for i in range(0, len(records), 1000)]
-      with concurrent.futures.ProcessPoolExecutor(num_workers) as pool:
-        results = [x for chunk in pool.map(fn, chunks) for x in chunk]
-    else:
-      results = fn(records)
+    try:
+      if num_workers and len(records) > 2000:
+        chunks = [records[i:i + 1000] for i in range(0, len(records), 1000)]
+        with concurrent.futures.ProcessPoolExecutor(num_workers) as pool:
+          results = [x for chunk in pool.map(fn, chunks) for x in chunk]
+      else:
+        results = fn(records)
+    except DataError as e:  # a row the chat template cannot render
+      raise DataError(f"{spec.name}: {e}") from None
     examples = []
     for result in results:
       if isinstance(result, str):

@@ -4,7 +4,8 @@ Canonical records:
 
 * preference: ``{"prompt": [messages], "chosen": str, "rejected": str,
   "chosen_is_safe": bool, "rejected_is_safe": bool}``, the chosen response
-  being the more helpful one;
+  being the more helpful one (a PKU-SafeRLHF source with ``?chosen=safer``:
+  the safer one, as SACPO's safety stage reads it);
 * sft: ``{"messages": [messages]}`` ending with an assistant turn.
 
 Messages are ``{"role": "system"|"user"|"assistant", "content": str}``.
@@ -31,14 +32,19 @@ ROLES = ("system", "user", "assistant")
 SKIP_REASONS = ("missing_field", "null_field", "bad_messages", "empty_prompt",
                 "empty_response", "bad_safety_flag", "bad_response_index",
                 "identical_responses", "no_pair", "no_room_for_response",
-                "prompt_merges_with_response")
+                "prompt_merges_with_response", "special_token_in_text")
 # What the skips above mean for a user comparing against the reference.
 FILTER_NOTE = ("rows skipped here are this port's filters (malformed or empty "
                "fields, identical responses); the reference trainer keeps such "
                "rows")
 # The reference's row order after its subset: datasets' shuffle(seed=42).
 TAKE_SHUFFLE_SEED = 42
-SPEC_OPTIONS = ("revision", "split", "take")
+SPEC_OPTIONS = ("revision", "split", "take", "chosen")
+# Which response of a PKU-SafeRLHF pair is the chosen side: the more helpful
+# (``better_response_id``, BFPO's and SACPO's helpfulness stage) or the safer
+# (``safer_response_id``, SACPO's safety stage: line/sacpo src/util.py
+# get_pku_pair_by_safety).
+CHOSEN = ("better", "safer")
 DEFAULT_TASKS = {"ultrachat": "sft", "sft_jsonl": "sft"}
 REQUIRED = {
     ("ultrachat", "sft"): ("messages",),
@@ -95,6 +101,7 @@ class SourceSpec:
   revision: str | None = None  # hub revision (commit/tag) to pin
   take: float | int | None = None  # the first fraction/count of the rows
   limit: int | None = None  # use at most this many records (seeded subset)
+  chosen: str = "better"  # pku_saferlhf pairs: better | safer (CHOSEN)
   weight: float = 1.0  # sampling weight in a weighted mixture
   name: str | None = None  # label in reports; default kind:path
 
@@ -107,14 +114,22 @@ class SourceSpec:
       raise DataError(f"{self.path}: source kind {self.kind!r} cannot serve "
                       f"the {self.task!r} task")
     self.take = parse_take(self.take)
+    if self.chosen not in CHOSEN:
+      raise DataError(f"{self.path}: chosen={self.chosen!r} is not one of "
+                      f"{', '.join(CHOSEN)}")
+    if self.chosen != "better" and (self.kind, self.task) != (
+        "pku_saferlhf", "preference"):
+      raise DataError(f"{self.path}: chosen={self.chosen} needs a "
+                      "pku_saferlhf preference source (its safer_response_id)")
     self.name = self.name or f"{self.kind}:{self.path}"
 
   @classmethod
   def parse(cls, text: str, **defaults) -> SourceSpec:
-    """``KIND:PATH_OR_HUB_NAME[?revision=R&split=S&take=T]``.
+    """``KIND:PATH_OR_HUB_NAME[?revision=R&split=S&take=T&chosen=C]``.
 
     Options after ``?`` are this source's own and win over ``defaults``
-    (e.g. a run-wide revision); ``take`` is a fraction (``0.2``) or a count.
+    (e.g. a run-wide revision); ``take`` is a fraction (``0.2``) or a count;
+    ``chosen`` is ``better`` or ``safer`` (:data:`CHOSEN`).
     The report names the source by the whole text.
     """
     kind, sep, rest = text.partition(":")
@@ -257,8 +272,23 @@ def _ultrafeedback_prompt(chosen_messages, row):
   return _prompt(_field(row, "prompt"))
 
 
-def to_record(kind: str, task: str, row: dict) -> dict:
-  """One row -> one canonical record; raises :class:`Skip` with a reason."""
+def required_columns(spec: SourceSpec) -> tuple[str, ...]:
+  """The columns a source's rows must have (:data:`REQUIRED`, with
+  ``safer_response_id`` for ``chosen=safer``)."""
+  columns = REQUIRED[(spec.kind, spec.task)]
+  if spec.chosen == "safer":
+    columns = tuple("safer_response_id" if c == "better_response_id" else c
+                    for c in columns)
+  return columns
+
+
+def to_record(kind: str, task: str, row: dict,
+              chosen_side: str = "better") -> dict:
+  """One row -> one canonical record; raises :class:`Skip` with a reason.
+
+  ``chosen_side="safer"`` (pku_saferlhf preference rows only) puts the safer
+  response on the chosen side; each response keeps its own safety flag.
+  """
   if kind in ("ultrachat", "sft_jsonl"):
     return _sft(_messages(_field(row, "messages"), final_role="assistant"))
   if kind == "ultrafeedback":
@@ -275,7 +305,7 @@ def to_record(kind: str, task: str, row: dict) -> dict:
     if task == "sft":
       target = responses[_index(_field(row, "safer_response_id"))]
       return _sft(prompt + [{"role": "assistant", "content": target}])
-    better = _index(_field(row, "better_response_id"))
+    better = _index(_field(row, f"{chosen_side}_response_id"))
     safe = [_flag(_field(row, f"is_response_{i}_safe")) for i in (0, 1)]
     return _pair(prompt, responses[better], responses[1 - better], safe[better],
                  safe[1 - better])
@@ -358,7 +388,7 @@ def load_records(spec: SourceSpec, seed: int = 0):
   report = SourceReport(spec.name, rows_total=rows_total, rows_read=len(rows))
   if rows:
     present = set().union(*(r.keys() for r in rows))
-    missing = [c for c in REQUIRED[(spec.kind, spec.task)] if c not in present]
+    missing = [c for c in required_columns(spec) if c not in present]
     if missing:
       raise DataError(f"{spec.path}: required column(s) {', '.join(missing)} "
                       f"missing for kind {spec.kind!r}")
@@ -368,7 +398,7 @@ def load_records(spec: SourceSpec, seed: int = 0):
     records = []
     for row in rows:
       try:
-        records.append(to_record(spec.kind, spec.task, row))
+        records.append(to_record(spec.kind, spec.task, row, spec.chosen))
       except Skip as s:
         report.skip(s.args[0])
   report.records = len(records)
