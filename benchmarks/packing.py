@@ -92,12 +92,13 @@ def uf_lengths(rng, n):
   return rows[rng.integers(0, len(rows), n)]
 
 
-def truncated(lengths):
-  """Lengths after the recipe's trl truncation at 1024 / 512."""
+def truncated(lengths, max_length=MAX_LENGTH,
+              max_prompt_length=MAX_PROMPT_LENGTH):
+  """Lengths after the recipe's trl truncation (at 1024 / 512 by default)."""
   out = []
   for p, c, r in lengths:
-    cut = truncate_pair([0] * p, [0] * c, [0] * r, max_length=MAX_LENGTH,
-                        max_prompt_length=MAX_PROMPT_LENGTH)
+    cut = truncate_pair([0] * p, [0] * c, [0] * r, max_length=max_length,
+                        max_prompt_length=max_prompt_length)
     out.append([len(x) for x in cut])
   return np.array(out)
 

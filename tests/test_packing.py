@@ -344,9 +344,13 @@ def test_recipe_data_packs_train_buffer_and_eval(tmp_path):
     rows, length = batch["input_ids"].shape
     assert rows % 2 == 0 and length in (64, 256)  # rows per microbatch
     assert batch["weight"].sum() == 8
-  assert sum(data.eval_shares) == len(examples.held_out)
-  assert all(b["weight"].sum() == s for b, s in zip(data.eval_batches,
-                                                      data.eval_shares))
+  # Eval batches of 4 pairs: each pair in one slot of weight 1, in order.
+  n = len(examples.held_out)
+  assert [sorted(b["pair_index"][b["weight"] > 0].tolist())
+          for b in data.eval_batches] == [list(range(min(4, n - start)))
+                                          for start in range(0, n, 4)]
+  assert all(set(b["weight"][b["weight"] > 0].tolist()) == {1.0}
+             for b in data.eval_batches)
   c.data.pack_length = 40  # shorter than the fixtures' longest pair
   with pytest.raises(ConfigError, match="data.pack_length: a pair takes"):
     build.load_examples(c, load_tokenizer())
