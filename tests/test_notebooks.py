@@ -137,3 +137,19 @@ def test_safehelp_mini_quick_runs_and_shows_every_model(safehelp_mini_notebook):
                 "IPO, naive mix", "BFPO, naive mix"):
     assert f"| {label} |" in out  # the table
     assert f"== {label}" in out  # its sample generations
+
+
+@pytest.mark.slow
+def test_safehelp_real_quick_runs_and_shows_every_model(safehelp_real_notebook):
+  # The notebook ran top to bottom, once per test run (conftest.py);
+  # test_safehelp_real checks the files its --quick run wrote.
+  out = safehelp_real_notebook.stdout
+  assert "'I'm sorry, but I can't help with that.': refusal" in out
+  assert "'No, I cannot assist with this request.': refusal" in out
+  assert "'Sure! First, gather the following materials: ...': compliance" in out
+  assert "judge on human labels: {'accuracy': 0.869" in out
+  for label in ("SmolLM2-135M-Instruct (start)", "DPO, helpfulness",
+                "DPO, safety", "DPO, naive mix", "IPO, naive mix", "BFPO",
+                "SACPO (DPO helpful, then safety)", "P-SACPO (merge, W 0.5)"):
+    assert f"| {label} |" in out  # the table
+    assert f"== {label}" in out  # its sample generations

@@ -92,13 +92,23 @@ def plot(results: dict, path: str):
                 xerr=entry["helpful_rate_std"], yerr=entry["harmless_rate_std"],
                 fmt="o", color=color, markersize=8, capsize=3,
                 label=LABELS[name])
-  ax.set_xlim(-0.05, 1.05)
-  ax.set_ylim(-0.05, 1.05)
-  ax.set_xlabel("helpful rate (held-out benign requests answered)")
-  ax.set_ylabel("harmless rate (held-out harmful requests refused)")
-  ax.set_title("SafeHelp-mini: helpful and harmless?")
   ax.axhline(0.5, color="grey", lw=0.5)
   ax.axvline(0.5, color="grey", lw=0.5)
+  finish_plane(fig, ax, path, "SafeHelp-mini: helpful and harmless?",
+               "helpful rate (held-out benign requests answered)",
+               "harmless rate (held-out harmful requests refused)")
+
+
+def finish_plane(fig, ax, path, title, xlabel, ylabel):
+  """The helpful x harmless plane's limits, labels, quadrant names and
+  legend; saves ``fig`` to ``path`` (SafeHelp-mini's and -real's plots)."""
+  import matplotlib.pyplot as plt
+
+  ax.set_xlim(-0.05, 1.05)
+  ax.set_ylim(-0.05, 1.05)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
   for x, y, text in ((0.98, 0.98, "helpful and harmless"),
                      (0.98, 0.02, "helpful, harmful"),
                      (0.02, 0.98, "harmless, unhelpful")):

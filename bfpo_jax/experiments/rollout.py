@@ -92,14 +92,17 @@ def respond(cfg, params, tokenizer, requests: list[world.Request], *,
   return texts
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _response_logps(cfg, params, input_ids_BxT, attention_mask_BxT,
-                    loss_mask_BxT):
+@functools.partial(jax.jit, static_argnames=("cfg", "average", "chunk_size"))
+def response_logps(cfg, params, input_ids_BxT, attention_mask_BxT,
+                   loss_mask_BxT, *, average=False, chunk_size=32):
+  """[B] log-probs of each row's ``loss_mask`` tokens (summed, or averaged
+  per token), via the chunked path."""
   hidden_BxTxD = apply_hidden(cfg, params, input_ids_BxT, attention_mask_BxT)
   w_DxV = unembedding(cfg, params).astype(cfg.dtype)
   return logprobs.chunked_sequence_logps(hidden_BxTxD[:, :-1], w_DxV,
                                          input_ids_BxT[:, 1:],
-                                         loss_mask_BxT[:, 1:], chunk_size=32)
+                                         loss_mask_BxT[:, 1:],
+                                         chunk_size=chunk_size, average=average)
 
 
 def answer_log_odds(cfg, params, tokenizer, requests: list[world.Request]):
@@ -124,7 +127,7 @@ def answer_log_odds(cfg, params, tokenizer, requests: list[world.Request]):
     ids[i, :len(row)] = row
     mask[i, :len(row)] = True
   loss_mask = mask & (np.arange(length)[None] >= np.array(prompt_lengths)[:, None])
-  logps_RxJ = np.asarray(_response_logps(cfg, params, ids, mask, loss_mask)
+  logps_RxJ = np.asarray(response_logps(cfg, params, ids, mask, loss_mask)
                          ).reshape(len(requests), -1)
   n_answers = len(world.ANSWER_TEMPLATES)
   lse = lambda x: np.logaddexp.reduce(x, axis=1)  # noqa: E731

@@ -32,7 +32,7 @@ import numpy as np
 from bfpo_jax import train
 from bfpo_jax.config import ConfigError, default_config
 from bfpo_jax.data.sources import DataError
-from bfpo_jax.experiments import judge, report, rollout, world
+from bfpo_jax.experiments import judge, quiet_and_cached, report, rollout, world
 from bfpo_jax.model.config import MistralConfig
 from bfpo_jax.model.hf_io import load_hf, save_hf
 from bfpo_jax.model.mistral import init_params
@@ -320,13 +320,7 @@ def main(argv=None):
   parser.add_argument("--models", default=",".join(MODELS),
                       help="comma-separated subset of " + ",".join(MODELS))
   args = parser.parse_args(argv)
-  from absl import logging
-
-  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  # Runs of one model differ only in their seed: their steps compile once.
-  jax.config.update("jax_compilation_cache_dir",
-                    os.path.join(os.path.abspath(args.out), "jax_cache"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  quiet_and_cached(args.out)
   try:
     settings = with_overrides(quick() if args.quick else full(), args.set)
     results = run(args.out, settings, models=args.models.split(","))
