@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bfpo_jax import sharding
+from bfpo_jax import reference_cache, sharding
 from bfpo_jax import train_step as ts
 from bfpo_jax import trainable as trainable_lib
 from bfpo_jax.config import (
@@ -28,12 +28,14 @@ from bfpo_jax.config import (
 )
 from bfpo_jax.data import packing, pipeline
 from bfpo_jax.data.sources import DataError, SourceSpec
+from bfpo_jax.model.mistral import abstract_params
 from bfpo_jax.model_source import (  # noqa: F401 -- build's public names
   EXPORT_DIR,
   PEFT_DIR,
   check_model_source,
   initial_lora,
   load_model,
+  model_config,
   model_folder,
   model_source,
   peft_adapter,
@@ -52,7 +54,6 @@ def step_config(config) -> StepConfig:
 class RunData:
   train: pipeline.grain.MapDataset  # this process's batches, endless
   eval_batches: list  # this process's rows of each eval batch
-  eval_shares: list  # real pairs (or tokens) per eval batch
   steps_per_epoch: int
   report: dict
 
@@ -72,24 +73,21 @@ def _eval_batches(examples, task, size, buckets, pad_id, packed=None):
   instead; a packed batch's slots say which pair they hold (``pair_index``).
   """
   collate = pipeline.collate_sft if task == "sft" else pipeline.collate_pairs
-  out, shares = [], []
+  out = []
   for start in range(0, len(examples), size):
     chunk = examples[start:start + size]
     real = len(chunk)
     if packed and task != "sft":
       out.append(packing.pack_pairs(chunk, pad_id=pad_id, **packed))
-      shares.append(float(real))
       continue
     chunk = chunk + [chunk[0]] * (size - real)
     batch = collate(chunk, buckets=buckets, pad_id=pad_id)
     if task == "sft":
       batch["loss_mask"][real:] = False
-      shares.append(float(batch["loss_mask"][:, 1:].sum()))
     else:
       batch["weight"][real:] = 0.0
-      shares.append(float(real))
     out.append(batch)
-  return out, shares
+  return out
 
 
 def _local_rows(batch, index, count):
@@ -225,12 +223,11 @@ def make_data(config, examples: Examples, num_devices) -> RunData:
         buckets=list(d.buckets), pad_id=pad_id, process_index=p,
         process_count=n, **layout))
   eval_size = config.batch.per_device * dp
-  eval_batches, shares = _eval_batches(examples.held_out, task, eval_size,
-                                       list(d.buckets), pad_id,
-                                       packing_options(config, dp))
+  eval_batches = _eval_batches(examples.held_out, task, eval_size,
+                               list(d.buckets), pad_id,
+                               packing_options(config, dp))
   return RunData(train=ds, eval_batches=[_local_rows(b, p, n)
                                          for b in eval_batches],
-                 eval_shares=shares,
                  steps_per_epoch=steps_per_epoch(config, examples),
                  report=examples.report)
 
@@ -246,13 +243,16 @@ def total_steps(config, examples: Examples) -> int:
 
 
 def attach_reference_logps(config, model_cfg, step_cfg, params, examples,
-                           mesh, cache_path):
+                           mesh, cache_path, notes=None):
   """Computes the reference log-probs of every pair once and stores them in
   the examples (``reference_chosen_logps``/``reference_rejected_logps``).
 
   ``params`` are the initial params, i.e. the reference in every trainable
   mode. Results are cached in ``cache_path`` under a key of the model source,
-  data, lengths and seed, so a resumed run does not recompute them.
+  data, lengths and seed, so a resumed run does not recompute them; with
+  ``loss.reference_cache`` set, in that folder instead, shared by every run
+  whose fingerprint matches (:mod:`bfpo_jax.reference_cache`), and ``notes``
+  gets one line saying what the shared cache gave and, if nothing, why.
 
   Returns:
     True if the cache was used.
@@ -266,8 +266,16 @@ def attach_reference_logps(config, model_cfg, step_cfg, params, examples,
                     "average_logps": loss_setting(config, "average_logps"),
                     "dtype": config.model.dtype, "pairs": len(pairs)},
                    sort_keys=True)
-  cached, from_cache = None, False
-  if os.path.exists(cache_path):
+  cached, from_cache, shared = None, False, config.loss.reference_cache
+  if shared:
+    fp = reference_cache.fingerprint(
+        config, model_cfg, params, pairs, mesh=mesh,
+        tokenizer=config.tokenizer or "(the model's)",
+        average_logps=loss_setting(config, "average_logps"))
+    cached, why = reference_cache.read(shared, fp)
+    cached = reference_cache.agree(cached, len(pairs))
+    from_cache = cached is not None
+  elif os.path.exists(cache_path):
     with np.load(cache_path) as f:
       if str(f["key"]) == key:
         cached, from_cache = (f["chosen"], f["rejected"]), True
@@ -277,7 +285,7 @@ def attach_reference_logps(config, model_cfg, step_cfg, params, examples,
     fn = jax.jit(sharding.with_activation_sharding(
         lambda p, b: pair_logps(model_cfg, step_cfg, p, b, mesh), mesh),
         out_shardings=sharding.replicated(mesh))
-    batches, _ = _eval_batches(pairs, "preference", size,
+    batches = _eval_batches(pairs, "preference", size,
                                list(config.data.buckets), examples.pad_id,
                                packing_options(config, dp))
     p, n = jax.process_index(), jax.process_count()
@@ -291,8 +299,13 @@ def attach_reference_logps(config, model_cfg, step_cfg, params, examples,
       held = (index >= 0) & (index < len(pairs) - start)
       for side, logps in zip(cached, out):
         side[start + index[held]] = np.asarray(logps)[held]
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 and not shared:
       np.savez(cache_path, key=key, chosen=cached[0], rejected=cached[1])
+  if shared:  # saves a computed entry; says what the cache gave
+    line = reference_cache.outcome(shared, fp, cached,
+                                   None if from_cache else why)
+    if notes is not None:
+      notes.append(f"reference cache: {line}")
   for e, chosen, rejected in zip(pairs, *cached):
     e["reference_chosen_logps"] = float(chosen)
     e["reference_rejected_logps"] = float(rejected)
@@ -354,31 +367,42 @@ def empty_sources(config, report) -> list[str]:
           for e in empty]
 
 
+def state_shapes(config, model_cfg, step_cfg: StepConfig, optimizer):
+  """The run's :class:`TrainState` as ``ShapeDtypeStruct`` leaves, from the
+  model's shapes alone (what :func:`train_state` will build)."""
+  abstract = abstract_params(model_cfg)
+  mask = trainable_lib.trainable_mask(abstract, step_cfg.mode,
+                                      config.trainable.pattern or None)
+  return jax.eval_shape(lambda p: ts.init_state(
+      p, mask, optimizer, step_cfg, lora_rank=config.trainable.lora_rank,
+      rng=jax.random.key(config.seed)), abstract)
+
+
 @dataclasses.dataclass
-class Run:
-  """Everything a training run holds before its first step (:func:`setup`)."""
+class Plan:
+  """What a run decides before it reads a weight (:func:`plan`): what the
+  dry run prints and what :func:`setup` builds from."""
 
   config: Any  # with a PEFT init_from's settings applied
   mesh: jax.sharding.Mesh
   tokenizer: Any
   model_cfg: Any
   step_cfg: StepConfig
-  data: RunData
+  examples: Examples  # validated and tokenized; report: the data report
   steps: int  # optimizer steps of the whole run
-  state: TrainState  # at step 0, sharded
-  train_fn: Callable  # (state, batch) -> (state, metrics)
-  eval_fn: Callable  # (state, batch) -> metrics as (total, weight) pairs
+  steps_per_epoch: int
+  optimizer: Any  # the optax transformation, schedule of ``steps``
+  shapes: TrainState  # the state at step 0, as ShapeDtypeStructs
   memory: dict  # the per-device estimate of :func:`memory_estimate`
   notes: list[str]  # lines for the log: warnings, what was precomputed
 
 
-def setup(config, workdir: str) -> Run:
-  """Mesh, tokenizer, data, model, optimizer, state and jitted steps.
-
-  Writes ``data_report.json`` and the resolved ``config.json`` to
-  ``workdir`` (process 0). Bad data or config stop here, with one line,
-  before the first step.
-  """
+def plan(config) -> Plan:
+  """Everything before the weights: mesh, model source and tokenizer
+  checks, the data (read, tokenized, reported), the model's shapes, the step
+  count and the memory estimate. Reads no model weight (only a PEFT adapter
+  given as ``init_from``, for its settings) and writes nothing; bad data or
+  config stop here, with one line."""
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp,
                             config.mesh.tensor)
   check_model_source(config)
@@ -386,18 +410,49 @@ def setup(config, workdir: str) -> Run:
   tokenizer = tokenizer_for(config)
   examples = load_examples(config, tokenizer)
   notes += empty_sources(config, examples.report)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "data_report.json"), "w") as f:
-      json.dump(examples.report, f, indent=2)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json(indent=2))
-  model_cfg, params = load_model(config, mesh)
+  model_cfg = model_config(config)
   if len(tokenizer) > model_cfg.vocab_size:
     raise ConfigError(f"tokenizer: {len(tokenizer)} tokens exceed the model's "
                       f"vocab_size {model_cfg.vocab_size}")
   steps = total_steps(config, examples)
   optimizer = optimizer_for(config, steps)
   step_cfg = step_config(config)
+  return Plan(config=config, mesh=mesh, tokenizer=tokenizer,
+              model_cfg=model_cfg, step_cfg=step_cfg, examples=examples,
+              steps=steps, steps_per_epoch=steps_per_epoch(config, examples),
+              optimizer=optimizer,
+              shapes=state_shapes(config, model_cfg, step_cfg, optimizer),
+              memory=memory_estimate(config, model_cfg, mesh), notes=notes)
+
+
+@dataclasses.dataclass
+class Run(Plan):
+  """A :class:`Plan` carried out: data batches, the state and the jitted
+  steps (:func:`setup`)."""
+
+  data: RunData
+  state: TrainState  # at step 0, sharded
+  train_fn: Callable  # (state, batch) -> (state, metrics)
+  eval_fn: Callable  # (state, batch) -> metrics as (total, weight) pairs
+
+
+def setup(config, workdir: str) -> Run:
+  """:func:`plan`, then the model's weights, optimizer state and jitted
+  steps.
+
+  Writes ``data_report.json`` and the resolved ``config.json`` to
+  ``workdir`` (process 0). Bad data or config stop in :func:`plan`, with one
+  line, before anything is written or loaded.
+  """
+  p = plan(config)
+  config, examples, notes = p.config, p.examples, p.notes
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "data_report.json"), "w") as f:
+      json.dump(examples.report, f, indent=2)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json(indent=2))
+  model_cfg, params = load_model(config, p.mesh)
+  step_cfg, mesh = p.step_cfg, p.mesh
   lora = initial_lora(config, model_cfg)
   if step_cfg.precomputed_reference:
     reference = params if lora is None else jax.jit(
@@ -405,19 +460,18 @@ def setup(config, workdir: str) -> Run:
                                                     step_cfg.lora_scale)
     from_cache = attach_reference_logps(
         config, model_cfg, step_cfg, reference, examples, mesh,
-        os.path.join(workdir, "reference_logps.npz"))
+        os.path.join(workdir, "reference_logps.npz"), notes)
     del reference
     notes.append("reference log-probs: "
                  + ("from cache" if from_cache else "precomputed"))
   data = make_data(config, examples, jax.device_count())
   state, shardings = train_state(config, model_cfg, step_cfg, params,
-                                 optimizer, mesh, lora)
+                                 p.optimizer, mesh, lora)
   del params, lora
   return Run(
-      config=config, mesh=mesh, tokenizer=tokenizer, model_cfg=model_cfg,
-      step_cfg=step_cfg, data=data, steps=steps, state=state,
-      train_fn=ts.build_train_step(model_cfg, step_cfg, optimizer, mesh=mesh,
-                                   shardings=shardings),
+      **{f.name: getattr(p, f.name) for f in dataclasses.fields(Plan)},
+      data=data, state=state,
+      train_fn=ts.build_train_step(model_cfg, step_cfg, p.optimizer,
+                                   mesh=mesh, shardings=shardings),
       eval_fn=ts.build_eval_step(model_cfg, step_cfg, mesh=mesh,
-                                 shardings=shardings, reduce=False),
-      memory=memory_estimate(config, model_cfg, mesh), notes=notes)
+                                 shardings=shardings, reduce=False))

@@ -78,13 +78,14 @@ def check_same_run(expected, workdir, meta):
         "changed); use a new --workdir or the original config")
 
 
-def restore(ckpt, state, iterator, config, workdir):
+def restore(ckpt, state, iterator, config, workdir, expected=None):
   """Resumes a run from its newest checkpoint that reads cleanly.
 
   Refuses a checkpoint of another run (:func:`check_same_run`), moves
   damaged ones aside, puts the data ``iterator`` back where it was, and warns
   of changed :func:`resume_settings` (recorded in
-  ``workdir/resume_changes.jsonl``).
+  ``workdir/resume_changes.jsonl``). ``expected``: the run's
+  :func:`fingerprint`, if the caller has it (else computed from ``state``).
 
   Returns:
     ``(state, counters, notes)``: the restored state (``state`` itself when
@@ -92,7 +93,7 @@ def restore(ckpt, state, iterator, config, workdir):
     none) and lines for the log.
   """
   restored = ckpt.restore(state, functools.partial(
-      check_same_run, fingerprint(config, state), workdir))
+      check_same_run, expected or fingerprint(config, state), workdir))
   if restored is None:
     return state, None, []
   state, meta, notes = restored

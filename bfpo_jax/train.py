@@ -5,6 +5,7 @@
         --config.init_from=runs/sft
     python -m bfpo_jax.train --export_only --workdir runs/sft  # hf_export/
                                                 # from the latest checkpoint
+    python -m bfpo_jax.train --config configs/tiny.py --dry_run  # the plan
 
 One run at a time holds a workdir. A run started on a workdir that has
 checkpoints resumes from the newest one that reads cleanly, data stream
@@ -39,7 +40,7 @@ from bfpo_jax import (
   peft_io,
   resume,
   sharding,
-  trainable,
+  startup,
 )
 from bfpo_jax import metrics as metrics_lib
 from bfpo_jax import train_step as ts
@@ -52,7 +53,6 @@ from bfpo_jax.checkpoint import (
 from bfpo_jax.config import (
   ConfigError,
   default_config,
-  describe_loss,
   loss_setting,
   validate,
 )
@@ -76,36 +76,14 @@ flags.DEFINE_bool("export_only", False,
                   "Write WORKDIR/hf_export from the run's newest good "
                   "checkpoint and exit (config: --config or "
                   "WORKDIR/config.json).")
+flags.DEFINE_bool("dry_run", False,
+                  "Check the config, model folder, tokenizer and data; print "
+                  "the plan (data report, mesh, model, memory, steps) and "
+                  "exit, reading no weight and writing nothing.")
 
 
 class NonFiniteError(RuntimeError):
   """Too many non-finite steps in a row (``max_consecutive_nonfinite``)."""
-
-
-def _summary(config, mesh, model_cfg, state, data, steps, memory):
-  n_train = trainable.count_params(state.trainable)
-  total = trainable.count_params(state.frozen) + (
-      0 if config.trainable.mode == "lora" else n_train)
-  lines = [
-      f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} "
-      f"({jax.process_count()} process(es)); mesh {dict(mesh.shape)}",
-      f"model: {model_cfg.num_hidden_layers} layers, d={model_cfg.hidden_size}, "
-      f"vocab {model_cfg.vocab_size}; params {total:,}, trainable "
-      f"{n_train:,} ({config.trainable.mode})",
-      f"memory per device (estimate): {memory['total'] / 2**30:.2f} GiB "
-      f"(params {memory['params_frozen'] / 2**30:.2f}, optimizer "
-      f"{memory['optimizer_state'] / 2**30:.2f})",
-      "data (pairs or sequences per epoch): " + "; ".join(
-          f"{k}: {v['pairs']} {v['role']}"
-          + (f" + {v['eval']} held out" if v["role"] == "train" else "")
-          + f" ({sum(v['rows_skipped'].values())} skipped)"
-          for k, v in data.report.items()),
-      f"loss: {describe_loss(config)}",
-      f"steps: {steps} ({data.steps_per_epoch} per epoch), global batch "
-      f"{config.batch.global_size} = {config.batch.per_device} per device x "
-      f"{config.batch.accumulation} microbatches",
-  ]
-  return "\n".join(lines)
 
 
 def evaluate(eval_fn, state, data, mesh):
@@ -137,9 +115,10 @@ def _read_json(path):
 def export(config, model_cfg, state, step_cfg, tokenizer, workdir,
            summary=None, notes=None):
   """Writes workdir/hf_export: weights (LoRA merged), the tokenizer with the
-  Zephyr chat template the model was trained on (for apply_chat_template,
-  vLLM and the lm-evaluation-harness's chat mode) and a model card; a LoRA
-  run also writes its adapters as a PEFT folder, workdir/peft_adapter.
+  chat template the model was trained on (Zephyr's, or with
+  ``data.template=tokenizer`` the model's own; for apply_chat_template, vLLM
+  and the lm-evaluation-harness's chat mode) and a model card; a LoRA run
+  also writes its adapters as a PEFT folder, workdir/peft_adapter.
 
   Args:
     summary: the run's summary for the model card (default: summary.json).
@@ -169,7 +148,8 @@ def export(config, model_cfg, state, step_cfg, tokenizer, workdir,
       if notes is not None:
         notes.append(f"no PEFT export: {e}")
   if jax.process_index() == 0:
-    tokenizer.chat_template = CHAT_TEMPLATE
+    if config.data.template != "tokenizer":  # else the model's own is kept
+      tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(out)
     model_card.write(out, config, **card)
   return out
@@ -201,14 +181,14 @@ class Loop:
   """
 
   def __init__(self, run: build.Run, ckpt: Checkpointer, log: Logger,
-               iterator, counters=None):
+               iterator, counters=None, fingerprint=None):
     self.run, self.ckpt, self.log, self.iterator = run, ckpt, log, iterator
     self.config = run.config
     self.state = run.state
     # Saved counters over the defaults: a checkpoint may predate a counter.
     self.counters = {"nonfinite_total": 0, "nonfinite_in_a_row": 0,
                      **(counters or {})}
-    self.fingerprint = resume.fingerprint(run.config, run.state)
+    self.fingerprint = fingerprint or resume.fingerprint(run.config, run.state)
     self.settings = resume.resume_settings(run.config)
     self.pending = []  # (step, metrics, tokens, data_s) not yet written
     self.last_time = time.perf_counter()
@@ -308,8 +288,9 @@ def _train(config, workdir: str) -> dict:
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
                       keep=config.keep_checkpoints)
   iterator = iter(run.data.train.to_iter_dataset())
-  run.state, counters, resume_notes = resume.restore(ckpt, run.state, iterator,
-                                                     config, workdir)
+  fingerprint = resume.fingerprint(config, run.state)  # the state at step 0
+  run.state, counters, resume_notes = resume.restore(
+      ckpt, run.state, iterator, config, workdir, fingerprint)
   start = int(jax.device_get(run.state.step))
   notes = run.notes + resume_notes
   wandb_run = start_wandb(config, workdir, {
@@ -321,13 +302,12 @@ def _train(config, workdir: str) -> dict:
         + ")")
   log = Logger(workdir, config.stage, run.steps, start,
                start if counters is not None else None, wandb_run)
-  log.info(_summary(config, run.mesh, run.model_cfg, run.state, run.data,
-                    run.steps, run.memory))
+  log.info(startup.summary(run))
   for note in notes:
     log.info(note)
   log.start_progress()
 
-  loop = Loop(run, ckpt, log, iterator, counters)
+  loop = Loop(run, ckpt, log, iterator, counters, fingerprint)
   previous = {s: signal.signal(s, loop.on_signal)
               for s in (signal.SIGTERM, signal.SIGINT)}
   try:
@@ -428,8 +408,14 @@ def main(argv):
       raise ConfigError("--config is required (e.g. --config configs/tiny.py)")
     config = config or _saved_config(f.workdir)
     workdir = f.workdir or os.path.join("runs", config.stage)
+    if f.dry_run and f.export_only:
+      raise ConfigError("--dry_run and --export_only: pick one")
     distributed.initialize(f.coordinator_address, f.num_processes, f.process_id,
                            timeout_s=f.distributed_timeout)
+    if f.dry_run:
+      if jax.process_index() == 0:
+        print(startup.dry_run(config, workdir))
+      return
     (export_only if f.export_only else run)(config, workdir)
   except (ConfigError, DataError, FileNotFoundError, WorkdirError,
           distributed.DistributedError) as e:

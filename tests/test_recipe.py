@@ -142,7 +142,9 @@ def test_safety_batches_set_the_steps_and_helpfulness_rides_along():
   assert batch["chosen_input_ids"].shape[0] == 8
   assert batch["buffer"]["chosen_input_ids"].shape[0] == 8
   assert batch["buffer"]["chosen_is_safe"].all()
-  assert len(data.eval_batches) == 3 and data.eval_shares == [4.0, 4.0, 2.0]
+  # 10 eval pairs in batches of 4: the last has two zero-weight pad rows.
+  assert [b["weight"].tolist() for b in data.eval_batches] == [
+      [1.0] * 4, [1.0] * 4, [1.0, 1.0, 0.0, 0.0]]
 
 
 def test_sft_rows_are_packed_as_the_reference_packs_them():

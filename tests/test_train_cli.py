@@ -1,11 +1,15 @@
-"""The training CLI end to end on the tiny config, as a user runs it."""
+"""The training CLI end to end on the tiny config, as a user runs it.
+
+The SFT and BFPO runs of the stage test are made once per test run
+(``helpers.tiny_run``); the chain, eight-device, precomputed-reference and
+resume tests start from them or compare with them instead of running them
+again. The bitwise resume after a kill is tests/test_faults.py's."""
 
 import json
 import os
 import re
+import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import jax.numpy as jnp
@@ -16,12 +20,8 @@ import transformers
 
 from bfpo_jax.model import apply
 from bfpo_jax.model.hf_io import load_hf
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAST = ["--config.max_steps=6", "--config.data.max_length=64",
-        "--config.data.max_prompt_length=32", "--config.data.buckets=(64,)",
-        "--config.eval_every_steps=3", "--config.checkpoint_every_steps=3"]
-
+from tests.helpers import FAST, MULTIHOST, eight_device_run, tiny_run
+from tests.helpers import train_cli as _cli
 
 LOSS_LINES = {
     "sft": "loss: sft, token negative log-likelihood",
@@ -30,17 +30,6 @@ LOSS_LINES = {
     "dpo": "loss: dpo, beta 0.1, label_smoothing 0; log-probs summed over "
            "response tokens",
     "ipo": "loss: ipo, beta 0.1; log-probs averaged over response tokens"}
-
-
-def _cli(workdir, *flags, config="configs/tiny.py", env=None, wait=True):
-  cmd = [sys.executable, "-m", "bfpo_jax.train", f"--config={config}",
-         f"--workdir={workdir}", *flags]
-  full_env = dict(os.environ, JAX_PLATFORMS="cpu", **(env or {}))
-  if not wait:
-    return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-  return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True,
-                        text=True, timeout=600)
 
 
 def _strict(name):
@@ -58,14 +47,13 @@ def _train_losses(workdir):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["sft", "bfpo", "dpo", "ipo"])
-def test_each_stage_runs_and_writes_what_a_person_sees(tmp_path, stage):
-  workdir = str(tmp_path / stage)
-  proc = _cli(workdir, *FAST, config=f"configs/tiny.py:{stage}")
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "devices: 1 x cpu" in proc.stderr + proc.stdout
+def test_each_stage_runs_and_writes_what_a_person_sees(tmp_path_factory,
+                                                       stage):
+  workdir, stdout, stderr = tiny_run(tmp_path_factory, stage)
+  assert "devices: 1 x cpu" in stderr + stdout
   # dpo and ipo leave beta unset in configs/tiny.py: TRL's 0.1, and IPO
   # averages its log-probs.
-  assert LOSS_LINES[stage] in proc.stdout, proc.stdout[:3000]
+  assert LOSS_LINES[stage] in stdout, stdout[:3000]
   records = _metrics(workdir)
   train = [r for r in records if "loss" in r]
   assert [r["step"] for r in train] == list(range(1, 7))
@@ -84,9 +72,9 @@ def test_each_stage_runs_and_writes_what_a_person_sees(tmp_path, stage):
 
 
 @pytest.mark.slow
-def test_sft_then_bfpo_chain_and_export_loads_in_transformers(tmp_path):
-  sft = str(tmp_path / "sft")
-  assert _cli(sft, *FAST, config="configs/tiny.py:sft").returncode == 0
+def test_sft_then_bfpo_chain_and_export_loads_in_transformers(
+    tmp_path, tmp_path_factory):
+  sft = tiny_run(tmp_path_factory, "sft")[0]
   bfpo = str(tmp_path / "bfpo")
   proc = _cli(bfpo, *FAST, f"--config.init_from={sft}",
               "--config.trainable.mode=selective")
@@ -131,27 +119,6 @@ LONG = ["--config.max_steps=40", "--config.data.max_length=64",
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_with_identical_losses(tmp_path):
-  whole = str(tmp_path / "whole")
-  assert _cli(whole, *LONG).returncode == 0
-  expected = _train_losses(whole)
-  assert len(expected) == 40
-
-  killed = str(tmp_path / "killed")
-  proc = _cli(killed, *LONG, wait=False)
-  _wait_for_checkpoint(killed, 8, proc)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert proc.returncode == -signal.SIGKILL
-  resumed = _cli(killed, *LONG)
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert "resumed from checkpoint" in resumed.stderr + resumed.stdout
-  got = _train_losses(killed)
-  assert sorted(got) == list(range(1, 41))
-  assert got == expected  # bitwise: same floats, every step
-
-
-@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
   workdir = str(tmp_path / "term")
   proc = _cli(workdir, *LONG, wait=False)
@@ -167,16 +134,20 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
 
 
 @pytest.mark.slow
-def test_eight_fake_devices_match_one_device(tmp_path):
-  flags = [*FAST, "--config.eval_every_steps=0", "--config.export_hf=False",
-           "--config.batch.accumulation=1"]
+def test_eight_fake_devices_match_one_device(tmp_path, tmp_path_factory):
+  # Eight: test_multihost's one-process run, a data 2 x fsdp 4 mesh with a
+  # pair per device; one: the same run with its 8 pairs on one device.
+  eight, stdout, stderr = eight_device_run(tmp_path_factory)
+  assert "devices: 8 x cpu" in stderr + stdout
+  assert "mesh {'data': 2, 'fsdp': 4, 'tensor': 1}" in stdout
   one = str(tmp_path / "one")
-  assert _cli(one, *flags, "--config.batch.per_device=8").returncode == 0
-  eight = str(tmp_path / "eight")
-  proc = _cli(eight, *flags, "--config.batch.per_device=1", "--config.mesh.fsdp=8",
-              env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+  single = {"--config.batch.per_device=1": "--config.batch.per_device=8",
+            "--config.mesh.data=2": "--config.mesh.data=1",
+            "--config.mesh.fsdp=4": "--config.mesh.fsdp=1"}
+  proc = _cli(one, *[single.get(f, f) for f in MULTIHOST],
+              "--config.eval_every_steps=0", "--config.export_hf=False")
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "devices: 8 x cpu" in proc.stderr + proc.stdout
+  assert "devices: 1 x cpu" in proc.stderr + proc.stdout
   a, b = _train_losses(one), _train_losses(eight)
   assert sorted(a) == sorted(b) == list(range(1, 7))
   np.testing.assert_allclose([b[k] for k in sorted(b)], [a[k] for k in sorted(a)],
@@ -304,10 +275,11 @@ def test_nonfinite_losses_stop_the_run_with_a_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_with_a_different_config_is_refused(tmp_path):
-  workdir = str(tmp_path / "run")
-  flags = [*FAST, "--config.max_steps=2", "--config.export_hf=False"]
-  assert _cli(workdir, *flags).returncode == 0
+def test_resume_with_a_different_config_is_refused(tmp_path, tmp_path_factory):
+  workdir = str(tmp_path / "run")  # a copy of the stage test's finished run
+  shutil.copytree(tiny_run(tmp_path_factory, "bfpo")[0], workdir)
+  before = [(m["step"], "eval/loss" in m) for m in _metrics(workdir)]
+  flags = [*FAST, "--config.export_hf=False"]
   proc = _cli(workdir, *flags, "--config.trainable.mode=selective")
   assert proc.returncode == 2
   last = proc.stderr.strip().splitlines()[-1]
@@ -319,32 +291,35 @@ def test_resume_with_a_different_config_is_refused(tmp_path):
           "0.001 -> 0.002") in proc.stdout + proc.stderr
   with open(os.path.join(workdir, "resume_changes.jsonl")) as f:
     change = json.loads(f.read())
-  assert change["step"] == 2
+  assert change["step"] == 6
   assert change["changes"] == {"optimizer.learning_rate": [0.001, 0.002]}
   # Resumed at the end: nothing is redone, nothing written twice.
-  assert [(m["step"], "eval/loss" in m) for m in _metrics(workdir)] == [
-      (1, False), (2, False), (2, True)]
+  assert before == [(1, False), (2, False), (3, False), (3, True), (4, False),
+                    (5, False), (6, False), (6, True)]
+  assert [(m["step"], "eval/loss" in m) for m in _metrics(workdir)] == before
 
 
 @pytest.mark.slow
-def test_precomputed_reference_matches_and_is_cached(tmp_path):
-  flags = [*FAST, "--config.eval_every_steps=0", "--config.export_hf=False",
-           "--config.max_steps=4"]
-  plain = str(tmp_path / "plain")
-  assert _cli(plain, *flags).returncode == 0
+def test_precomputed_reference_matches_and_is_cached(tmp_path,
+                                                    tmp_path_factory):
+  # With an eval only at the last step (6), as the stage test's run has one.
+  flags = [*FAST, "--config.eval_every_steps=0", "--config.export_hf=False"]
+  plain = tiny_run(tmp_path_factory, "bfpo")[0]
   cached = str(tmp_path / "cached")
   proc = _cli(cached, *flags, "--config.loss.precompute_reference=True")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "reference log-probs: precomputed" in proc.stderr + proc.stdout
   assert os.path.isfile(os.path.join(cached, "reference_logps.npz"))
   a, b = _train_losses(plain), _train_losses(cached)
+  assert sorted(a) == sorted(b) == list(range(1, 7))
   np.testing.assert_allclose([b[k] for k in sorted(b)], [a[k] for k in sorted(a)],
                              rtol=1e-4)
   evals = [m for m in _metrics(cached) if "eval/loss" in m]
   plain_evals = [m for m in _metrics(plain) if "eval/loss" in m]
+  assert evals[-1]["step"] == plain_evals[-1]["step"] == 6
   np.testing.assert_allclose(evals[-1]["eval/loss"], plain_evals[-1]["eval/loss"],
                              rtol=1e-4)
-  again = _cli(cached, *flags, "--config.loss.precompute_reference=True",
-               "--config.max_steps=5")
+  # A restart reads them back (it resumes at the end: no step to redo).
+  again = _cli(cached, *flags, "--config.loss.precompute_reference=True")
   assert again.returncode == 0, again.stderr[-3000:]
   assert "reference log-probs: from cache" in again.stderr + again.stdout

@@ -98,8 +98,11 @@ class BfpoJaxLM(TemplateLM):
     self.packing, self.seed = bool(packing), int(seed)
 
     kwargs = {} if add_bos_token is None else {"add_bos_token": add_bos_token}
-    if model.tokenizer == "mistral":
-      tok = load_tokenizer("mistral")
+    if model.tokenizer == "mistral" or model.tokenizer.lower().endswith(
+        ".gguf"):
+      tok = load_tokenizer(model.tokenizer)
+      if add_bos_token is not None:
+        tok.add_bos_token = add_bos_token
     else:  # as the hf backend loads it
       tok = transformers.AutoTokenizer.from_pretrained(
           model.tokenizer, use_fast=True, trust_remote_code=False, **kwargs)
