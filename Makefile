@@ -4,7 +4,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PYTEST_ARGS ?= -n 2
+# loadgroup: the tests that read one shared --quick run (xdist_group) share
+# its worker, so no other worker waits for it.
+PYTEST_ARGS ?= -n 2 --dist loadgroup
 
 .PHONY: run test lint clean
 

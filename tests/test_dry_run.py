@@ -136,20 +136,39 @@ def test_what_the_run_would_refuse_is_one_line_and_exit_2(tmp_path, case):
 
 
 def test_the_dry_run_reads_no_weight(tmp_path, monkeypatch):
-  # Its one shard is not safetensors at all: reading it fails.
-  folder = _weightless_folder(tmp_path / "model", shard_bytes=b"\0" * 64)
-  opened, real = [], hf_io.safe_open
-  monkeypatch.setattr(hf_io, "safe_open", lambda path, *args, **kwargs: (
-      opened.append(path) or real(path, *args, **kwargs)))
+  # A real folder; any tensor read stops with an error.
+  folder = str(tmp_path / "model")
+  transformers.MistralForCausalLM(transformers.MistralConfig(
+      vocab_size=32000, hidden_size=64, intermediate_size=96,
+      num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1,
+      tie_word_embeddings=False)).save_pretrained(folder)
+  read = []
+
+  def no_reading(self, name):
+    read.append(name)
+    raise RuntimeError(f"read {name}")
+
+  monkeypatch.setattr(hf_io._Safetensors, "__getitem__", no_reading)
   config = tiny.get_config()
   config.model.hf_path = folder
   workdir = tmp_path / "run"
   text = startup.dry_run(config, str(workdir))
   params = _mistral_params(32000, 64, 96, 3, 4, 1, 16, tied=False)
   assert f"model: 3 layers, d=64, vocab 32000; params {params:,}" in text
-  assert opened == [] and not workdir.exists()
-  # The run itself reads the shard, and fails on it.
+  assert read == [] and not workdir.exists()
+  # The run itself reads tensors (and stops at the first).
   workdir.mkdir()
-  with pytest.raises(Exception):  # noqa: B017 -- whichever error it gives
+  with pytest.raises(RuntimeError, match="^read "):
     build.setup(config, str(workdir))
-  assert opened == [os.path.join(folder, "model-00001-of-00001.safetensors")]
+  assert len(read) == 1
+
+
+def test_the_dry_run_refuses_a_damaged_shard_in_one_line(tmp_path):
+  # Its one shard is not safetensors at all: the header alone says so.
+  folder = _weightless_folder(tmp_path / "model", shard_bytes=b"\0" * 64)
+  config = tiny.get_config()
+  config.model.hf_path = folder
+  with pytest.raises(build.ConfigError, match=(
+      r"^model.hf_path: .*model-00001-of-00001.safetensors: damaged "
+      r"safetensors file")):
+    startup.dry_run(config, str(tmp_path / "run"))

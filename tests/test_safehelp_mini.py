@@ -293,6 +293,7 @@ def test_out_dir_of_other_settings_is_refused_in_one_line(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("safehelp_mini")  # with its notebook test
 def test_quick_run_writes_the_table_plot_and_sane_results(safehelp_mini_notebook):
   # The --quick run, made once per test run by its notebook (conftest.py),
   # which test_notebooks checks for what the notebook shows.

@@ -98,6 +98,7 @@ def test_rates_from_verdict_counts():
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("safehelp_real")  # with its notebook test
 def test_quick_run_writes_results_for_every_model(safehelp_real_notebook):
   out = pathlib.Path(safehelp_real_notebook.out)
   results = json.loads((out / "results.json").read_text())
