@@ -4,9 +4,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# loadgroup: the tests that read one shared --quick run (xdist_group) share
-# its worker, so no other worker waits for it.
-PYTEST_ARGS ?= -n 2 --dist loadgroup
+PYTEST_ARGS ?= -n 2
 
 .PHONY: run test lint clean
 

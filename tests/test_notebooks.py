@@ -126,32 +126,7 @@ def test_tpu_quickstart_runs_on_eight_fake_devices(tmp_path):
                    r"ms/step on 8 devices \(median of steps 3-12\)", out), out
 
 
-@pytest.mark.slow
-@pytest.mark.xdist_group("safehelp_mini")  # its fixture's worker
-def test_safehelp_mini_quick_runs_and_shows_every_model(safehelp_mini_notebook):
-  # The notebook ran top to bottom, once per test run (conftest.py);
-  # test_safehelp_mini checks the files its --quick run wrote.
-  out = safehelp_mini_notebook.stdout
-  assert '-> "Sorry, I can\'t help with that.": refusal' in out
-  assert "-> 'Sure. Step 1: paint a chair.': other" in out
-  for label in ("DPO, helpfulness only", "DPO, safety only", "DPO, naive mix",
-                "IPO, naive mix", "BFPO, naive mix"):
-    assert f"| {label} |" in out  # the table
-    assert f"== {label}" in out  # its sample generations
-
-
-@pytest.mark.slow
-@pytest.mark.xdist_group("safehelp_real")  # its fixture's worker
-def test_safehelp_real_quick_runs_and_shows_every_model(safehelp_real_notebook):
-  # The notebook ran top to bottom, once per test run (conftest.py);
-  # test_safehelp_real checks the files its --quick run wrote.
-  out = safehelp_real_notebook.stdout
-  assert '"I\'m sorry, but I can\'t help with that.": refusal' in out
-  assert "'No, I cannot assist with this request.': refusal" in out
-  assert "'Sure! First, gather the following materials: ...': compliance" in out
-  assert "judge on human labels: {'accuracy': 0.869" in out
-  for label in ("SmolLM2-135M-Instruct (start)", "DPO, helpfulness",
-                "DPO, safety", "DPO, naive mix", "IPO, naive mix", "BFPO",
-                "SACPO (DPO helpful, then safety)", "P-SACPO (merge, W 0.5)"):
-    assert f"| {label} |" in out  # the table
-    assert f"== {label}" in out  # its sample generations
+# SafeHelp-mini's and SafeHelp-real's notebooks run once per test run
+# (conftest.py); what they show is checked by the one test of each that reads
+# their --quick run (test_safehelp_mini.py, test_safehelp_real.py), so no
+# second xdist worker waits minutes for the same run.

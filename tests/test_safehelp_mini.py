@@ -293,10 +293,16 @@ def test_out_dir_of_other_settings_is_refused_in_one_line(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("safehelp_mini")  # with its notebook test
 def test_quick_run_writes_the_table_plot_and_sane_results(safehelp_mini_notebook):
-  # The --quick run, made once per test run by its notebook (conftest.py),
-  # which test_notebooks checks for what the notebook shows.
+  # What the notebook showed (it made the --quick run, conftest.py).
+  out = safehelp_mini_notebook.stdout
+  assert '-> "Sorry, I can\'t help with that.": refusal' in out
+  assert "-> 'Sure. Step 1: paint a chair.': other" in out
+  for label in ("DPO, helpfulness only", "DPO, safety only", "DPO, naive mix",
+                "IPO, naive mix", "BFPO, naive mix"):
+    assert f"| {label} |" in out  # the table
+    assert f"== {label}" in out  # its sample generations
+  # The files its --quick run wrote.
   out = pathlib.Path(safehelp_mini_notebook.out)
   results = json.loads((out / "results.json").read_text())
   assert list(results["models"]) == list(safehelp_mini.MODELS)

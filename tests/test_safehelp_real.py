@@ -98,8 +98,19 @@ def test_rates_from_verdict_counts():
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("safehelp_real")  # with its notebook test
 def test_quick_run_writes_results_for_every_model(safehelp_real_notebook):
+  # What the notebook showed (it made the --quick run, conftest.py).
+  out = safehelp_real_notebook.stdout
+  assert '"I\'m sorry, but I can\'t help with that.": refusal' in out
+  assert "'No, I cannot assist with this request.': refusal" in out
+  assert "'Sure! First, gather the following materials: ...': compliance" in out
+  assert "judge on human labels: {'accuracy': 0.869" in out
+  for label in ("SmolLM2-135M-Instruct (start)", "DPO, helpfulness",
+                "DPO, safety", "DPO, naive mix", "IPO, naive mix", "BFPO",
+                "SACPO (DPO helpful, then safety)", "P-SACPO (merge, W 0.5)"):
+    assert f"| {label} |" in out  # the table
+    assert f"== {label}" in out  # its sample generations
+  # The files its --quick run wrote.
   out = pathlib.Path(safehelp_real_notebook.out)
   results = json.loads((out / "results.json").read_text())
   assert list(results["models"]) == list(safehelp_real.MODELS)
@@ -130,3 +141,8 @@ def test_quick_run_writes_results_for_every_model(safehelp_real_notebook):
              for r in prompts[k]}
   assert not trained & {r["prompt"] for k in real_data.EVAL_KINDS
                         for r in prompts[k]}
+
+
+def test_every_model_has_its_label_in_the_tables_and_plot():
+  assert set(real_report.LABELS) == {"start", *safehelp_real.MODELS}
+  assert f"W {safehelp_real.P_SACPO_WEIGHT}" in real_report.LABELS["p_sacpo"]

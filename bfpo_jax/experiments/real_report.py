@@ -9,7 +9,8 @@ from bfpo_jax.experiments import refusal, report
 LABELS = {"start": "SmolLM2-135M-Instruct (start)",
           "dpo_helpful": "DPO, helpfulness", "dpo_safety": "DPO, safety",
           "dpo_mix": "DPO, naive mix", "ipo_mix": "IPO, naive mix",
-          "bfpo": "BFPO"}
+          "bfpo": "BFPO", "sacpo": "SACPO (DPO helpful, then safety)",
+          "p_sacpo": "P-SACPO (merge, W 0.5)"}
 KINDS = {"harmful_eval": "harmful (AdvBench + Do-Not-Answer)",
          "harmbench_eval": "harmful (HarmBench, never trained on)",
          "benign_eval": "benign", "xstest_eval": "over-refusal (XSTest-style)"}
