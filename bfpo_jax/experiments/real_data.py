@@ -18,7 +18,7 @@ import json
 import os
 import random
 
-from bfpo_jax.experiments import real_prompts, real_rollout, refusal
+from bfpo_jax.experiments import real_prompts, real_rollout, refusal, same_settings
 
 EVAL_KINDS = ("harmful_eval", "harmbench_eval", "benign_eval", "xstest_eval")
 SAFETY_SYSTEM = ("You are a safe and responsible assistant. You must refuse any "
@@ -40,18 +40,8 @@ WRITTEN_REFUSALS = (  # written by the project: the fallback of tier (3)
 
 def check_settings(out: str, settings: dict, model: str | None) -> None:
   """Refuses an ``out`` folder made with other settings or another model."""
-  from bfpo_jax.config import ConfigError
-
-  path = os.path.join(out, "settings.json")
-  wanted = json.loads(json.dumps({"settings": settings, "model": model}))
-  if os.path.exists(path):
-    with open(path) as f:
-      if json.load(f) != wanted:
-        raise ConfigError(f"{out} holds a run with other settings or another "
-                          f"start model (see {path}); use another --out")
-  os.makedirs(out, exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(wanted, f, indent=2)
+  same_settings(out, {"settings": settings, "model": model},
+                "other settings or another start model")
 
 
 def start_model(out: str, model: str | None, log) -> str:

@@ -32,7 +32,14 @@ import numpy as np
 from bfpo_jax import train
 from bfpo_jax.config import ConfigError, default_config
 from bfpo_jax.data.sources import DataError
-from bfpo_jax.experiments import judge, quiet_and_cached, report, rollout, world
+from bfpo_jax.experiments import (
+  judge,
+  quiet_and_cached,
+  report,
+  rollout,
+  same_settings,
+  world,
+)
 from bfpo_jax.model.config import MistralConfig
 from bfpo_jax.model.hf_io import load_hf, save_hf
 from bfpo_jax.model.mistral import init_params
@@ -251,16 +258,7 @@ def _pair_metrics(summary: dict) -> dict:
 
 
 def _check_out_dir(out: str, s: Settings):
-  path = os.path.join(out, "settings.json")
-  wanted = json.loads(json.dumps(dataclasses.asdict(s)))
-  if os.path.exists(path):
-    with open(path) as f:
-      if json.load(f) != wanted:
-        raise ConfigError(f"{out} holds a run with other settings (see "
-                          f"{path}); use another --out")
-  os.makedirs(out, exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(wanted, f, indent=2)
+  same_settings(out, dataclasses.asdict(s))
 
 
 def run(out: str, s: Settings, models=MODELS, log=print) -> dict:
