@@ -5,13 +5,14 @@ converts the real SmolLM2-135M-Instruct, samples its responses, trains every
 model two steps and evaluates them; here its outputs are checked.
 """
 
+import dataclasses
 import json
 import os
 import pathlib
 
 import pytest
 
-from bfpo_jax.config import validate
+from bfpo_jax.config import ConfigError, validate
 from bfpo_jax.data.sources import SourceSpec, load_records
 from bfpo_jax.experiments import real_data, real_report, refusal, safehelp_real
 
@@ -146,3 +147,11 @@ def test_quick_run_writes_results_for_every_model(safehelp_real_notebook):
 def test_every_model_has_its_label_in_the_tables_and_plot():
   assert set(real_report.LABELS) == {"start", *safehelp_real.MODELS}
   assert f"W {safehelp_real.P_SACPO_WEIGHT}" in real_report.LABELS["p_sacpo"]
+
+
+def test_an_out_folder_of_another_run_is_refused_in_one_line(tmp_path):
+  settings = dataclasses.asdict(safehelp_real.quick())
+  real_data.check_settings(str(tmp_path), settings, None)
+  real_data.check_settings(str(tmp_path), settings, None)  # the same run
+  with pytest.raises(ConfigError, match="other settings or another start model"):
+    real_data.check_settings(str(tmp_path), settings, "some/other-model")
